@@ -1,0 +1,114 @@
+"""Input checks shared by the ops: one precise message per constraint (DESIGN.md §3).
+
+Value checks that read tensor data (token range, finite beta/eta) would force a host
+synchronisation on CUDA; they run on CPU tensors always, on CUDA tensors only in eager mode
+outside CUDA-graph capture and ``torch.compile``, and can be turned off with
+``DVAE_KERNELS_CHECK_VALUES=0`` (kernels then produce NaN for an out-of-range token instead of
+reading out of bounds).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TOKEN_DTYPES = (torch.int64, torch.int32)
+
+
+def describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_float(name: str, t: torch.Tensor, *, allow_float64: bool = True) -> None:
+    check_tensor(name, t)
+    ok = FLOAT_DTYPES + ((torch.float64,) if allow_float64 else ())
+    if t.dtype not in ok:
+        raise TypeError(
+            f"{name} must be float32, bfloat16 or float16 (float64 for references), "
+            f"got {describe(t)}"
+        )
+
+
+def check_logits_tokens(logits: torch.Tensor, tokens: torch.Tensor, *,
+                        logits_name: str = "logits") -> None:
+    check_float(logits_name, logits)
+    check_tensor("tokens", tokens)
+    if logits.dim() < 1:
+        raise ValueError(f"{logits_name} must have a vocabulary dimension [..., V], got a 0-d "
+                         "tensor")
+    if tokens.dtype not in TOKEN_DTYPES:
+        raise TypeError(f"tokens must be int64 or int32, got {describe(tokens)}")
+    if tuple(tokens.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"tokens must have the shape of {logits_name} without its last dimension, "
+            f"{tuple(logits.shape[:-1])}, got {describe(tokens)} for {logits_name} "
+            f"{describe(logits)}"
+        )
+    check_same_device(**{logits_name: logits, "tokens": tokens})
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def values_checkable(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values now is allowed (no sync in compiled/captured code)."""
+    if os.environ.get("DVAE_KERNELS_CHECK_VALUES", "1") == "0":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return t.device.type in ("cpu", "cuda")
+
+
+def check_token_range(tokens: torch.Tensor, V: int) -> None:
+    if tokens.numel() == 0 or not values_checkable(tokens):
+        return
+    bad = (tokens < 0) | (tokens >= V)
+    if bool(bad.any()):
+        first = tokens[bad].flatten()[0].item()
+        raise ValueError(
+            f"tokens must lie in [0, V) = [0, {V}), got {int(bad.sum())} out of range "
+            f"(first: {first}) in tokens of {describe(tokens)}"
+        )
+
+
+def scalar(name: str, value, device: torch.device, *, minimum: float | None = None,
+           strict: bool = False) -> torch.Tensor:
+    """A float or 0-d tensor as a 0-d float32 tensor on ``device`` (no host copy for floats)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be a float or a 0-d tensor, got {describe(value)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {describe(value)}")
+        if value.device != device and value.device.type != "cpu":
+            raise ValueError(f"{name} must be on {device} (or the CPU), got {describe(value)}")
+        if value.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_scalar_value(name, float(value), minimum, strict)
+        out = value.to(device=device, dtype=torch.float32 if value.dtype != torch.float64
+                       else torch.float64)
+        return out
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(value).__name__}")
+    _check_scalar_value(name, float(value), minimum, strict)
+    return torch.full((), float(value), dtype=torch.float32, device=device)
+
+
+def _check_scalar_value(name, v, minimum, strict):
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if minimum is not None and (v < minimum or (strict and v == minimum)):
+        op = ">" if strict else ">="
+        raise ValueError(f"{name} must be {op} {minimum}, got {v}")

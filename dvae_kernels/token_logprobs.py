@@ -1,0 +1,308 @@
+"""token_logprobs: log softmax(logits)[token] at every position, and optionally the entropy.
+
+    logp[...]    = log_softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
+    entropy[...] = -(softmax(logits.float(), -1) * log_softmax(logits.float(), -1)).sum(-1)
+                   (with 0 * log 0 = 0 for -inf logits)
+
+Read top to bottom: torch backend (the oracle), Triton kernels and launchers, the registered
+ops with their fake and autograd rules, the public function.
+
+Kernel plan. One pass over each row with an online maximum ``m``, sum ``s = Σ exp(x - m)`` and
+``a = Σ exp(x - m)·(x - m)`` over vocabulary tiles, so that ``lse = m + log s`` and
+``entropy = log s - a / s`` (the shifted form avoids the cancellation of ``lse - Σ p·x`` when
+logits are large). The logit of the sampled token is one extra gathered load per row.
+Several rows share a program when V is small (a [BLOCK_R, BLOCK_V] tile): at V=1024 a
+program per short row would be mostly launch and reduction overhead. The backward recomputes
+``p = exp(x - lse)`` from the saved ``lse`` and ``entropy`` (8 bytes per row) rather than
+saving probabilities (V·4 bytes per row).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _dispatch, _validate
+from ._triton import HAS_TRITON, next_power_of_2, tl, triton
+
+# ---------------------------------------------------------------------------------------------
+# torch backend: the reference and the fallback. Math in float32 (float64 for float64 input).
+# ---------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _torch_forward(logits: torch.Tensor, tokens: torch.Tensor):
+    """logits [R, V], tokens [R] -> (logp [R], lse [R], entropy [R])."""
+    x = logits.to(_acc_dtype(logits.dtype))
+    V = x.shape[-1]
+    lse = torch.logsumexp(x, dim=-1)
+    shifted = x - lse[:, None]
+    p = shifted.exp()
+    entropy = -torch.where(p == 0, 0.0, p * shifted).sum(-1)
+    valid = (tokens >= 0) & (tokens < V)
+    idx = torch.where(valid, tokens, 0).long()
+    picked = x.gather(-1, idx[:, None])[:, 0]
+    logp = torch.where(valid, picked - lse, float("nan"))
+    return logp, lse, entropy
+
+
+def _torch_backward(grad_logp, grad_entropy, logits, tokens, lse, entropy):
+    x = logits.to(_acc_dtype(logits.dtype))
+    shifted = x - lse[:, None]
+    p = shifted.exp()
+    grad = torch.zeros_like(x)
+    if grad_logp is not None:
+        onehot = torch.zeros_like(x)
+        valid = (tokens >= 0) & (tokens < x.shape[-1])
+        onehot.scatter_(-1, torch.where(valid, tokens, 0).long()[:, None],
+                        valid[:, None].to(x.dtype))
+        grad = grad + grad_logp[:, None] * (onehot - p)
+    if grad_entropy is not None:
+        term = torch.where(p == 0, 0.0, p * (shifted + entropy[:, None]))
+        grad = grad - grad_entropy[:, None] * term
+    return grad.to(logits.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton backend
+# ---------------------------------------------------------------------------------------------
+
+# Elements per program tile. 4096 keeps 32 fp32 values per thread at 4 warps.
+_TILE = 4096
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _token_logprobs_fwd_kernel(
+        logits_ptr, tokens_ptr, logp_ptr, lse_ptr, ent_ptr,
+        n_rows, V, stride_row,
+        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < n_rows
+        row_off = rows.to(tl.int64) * stride_row
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)  # running max (may stay -inf)
+        m_safe = tl.zeros([BLOCK_R], tl.float32)  # finite version used as the shift
+        s = tl.zeros([BLOCK_R], tl.float32)  # Σ exp(x - m_safe)
+        a = tl.zeros([BLOCK_R], tl.float32)  # Σ exp(x - m_safe) · (x - m_safe)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            mask = row_ok[:, None] & (cols[None, :] < V)
+            x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask,
+                        other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=1))
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_new_safe)  # 0 while nothing finite was seen
+            d = tl.where(x == float("-inf"), 0.0, x - m_new_safe[:, None])
+            e = tl.exp(x - m_new_safe[:, None])
+            a = alpha * (a + s * (m_safe - m_new_safe)) + tl.sum(e * d, axis=1)
+            s = alpha * s + tl.sum(e, axis=1)
+            m = m_new
+            m_safe = m_new_safe
+        log_s = tl.log(s)
+        lse = m_safe + log_s
+        ent = log_s - a / s
+        tok = tl.load(tokens_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        tok_ok = (tok >= 0) & (tok < V)
+        x_tok = tl.load(logits_ptr + row_off + tok, mask=row_ok & tok_ok,
+                        other=float("nan")).to(tl.float32)
+        tl.store(logp_ptr + rows, x_tok - lse, mask=row_ok)
+        tl.store(lse_ptr + rows, lse, mask=row_ok)
+        tl.store(ent_ptr + rows, ent, mask=row_ok)
+
+    @triton.jit
+    def _token_logprobs_bwd_kernel(
+        glogp_ptr, gent_ptr, logits_ptr, tokens_ptr, lse_ptr, ent_ptr, grad_ptr,
+        n_rows, V, stride_row, stride_grad,
+        HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < n_rows
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        tok = tl.load(tokens_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+        if HAS_GLOGP:
+            g_lp = tl.load(glogp_ptr + rows, mask=row_ok, other=0.0)
+        if HAS_GENT:
+            g_h = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
+            ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+        in_off = rows.to(tl.int64) * stride_row
+        out_off = rows.to(tl.int64) * stride_grad
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            mask = row_ok[:, None] & (cols[None, :] < V)
+            x = tl.load(logits_ptr + in_off[:, None] + cols[None, :], mask=mask,
+                        other=float("-inf")).to(tl.float32)
+            shifted = x - lse[:, None]
+            p = tl.exp(shifted)
+            g = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
+            if HAS_GLOGP:
+                onehot = (cols[None, :] == tok[:, None]).to(tl.float32)
+                g += g_lp[:, None] * (onehot - p)
+            if HAS_GENT:
+                term = tl.where(x == float("-inf"), 0.0, p * (shifted + ent[:, None]))
+                g -= g_h[:, None] * term
+            tl.store(grad_ptr + out_off[:, None] + cols[None, :],
+                     g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _tile(V: int) -> tuple[int, int]:
+    block_v = min(next_power_of_2(V), _TILE)
+    return max(1, _TILE // block_v), block_v
+
+
+def _triton_forward(logits: torch.Tensor, tokens: torch.Tensor):
+    R, V = logits.shape
+    logp = torch.empty(R, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp)
+    if R == 0:
+        return logp, lse, ent
+    block_r, block_v = _tile(V)
+    _token_logprobs_fwd_kernel[(triton.cdiv(R, block_r),)](
+        logits, tokens, logp, lse, ent, R, V, logits.stride(0),
+        BLOCK_R=block_r, BLOCK_V=block_v, num_warps=4,
+    )
+    return logp, lse, ent
+
+
+def _triton_backward(grad_logp, grad_entropy, logits, tokens, lse, entropy):
+    R, V = logits.shape
+    grad = torch.empty((R, V), dtype=logits.dtype, device=logits.device)
+    if R == 0 or V == 0:
+        return grad
+    block_r, block_v = _tile(V)
+    dummy = lse  # never read when the matching HAS_ flag is off
+    _token_logprobs_bwd_kernel[(triton.cdiv(R, block_r),)](
+        grad_logp.contiguous() if grad_logp is not None else dummy,
+        grad_entropy.contiguous() if grad_entropy is not None else dummy,
+        logits, tokens, lse, entropy, grad, R, V, logits.stride(0), grad.stride(0),
+        HAS_GLOGP=grad_logp is not None, HAS_GENT=grad_entropy is not None,
+        BLOCK_R=block_r, BLOCK_V=block_v, num_warps=4,
+    )
+    return grad
+
+
+# Rows of more than this many logits go through the vocabulary in tiles anyway; the bound only
+# keeps int32 column arithmetic and test shapes honest.
+MAX_V = 262144
+
+
+def _supports_triton(logits: torch.Tensor, tokens: torch.Tensor) -> str | None:
+    if logits.dtype == torch.float64:
+        return "float64 logits are served by the torch backend only"
+    if logits.shape[-1] > MAX_V:
+        return f"V = {logits.shape[-1]} exceeds the Triton kernel's limit of {MAX_V}"
+    return None
+
+
+def _supports_torch(logits: torch.Tensor, tokens: torch.Tensor) -> str | None:
+    return None
+
+
+_FORWARD = {"torch": _torch_forward, "triton": _triton_forward}
+_BACKWARD = {"torch": _torch_backward, "triton": _triton_backward}
+SUPPORTS = {"torch": _supports_torch, "triton": _supports_triton}
+
+
+def register_backend(name: str, forward, backward, supports) -> None:
+    """Add a backend implementation (used by the C++/CUDA extension loader)."""
+    _FORWARD[name] = forward
+    _BACKWARD[name] = backward
+    SUPPORTS[name] = supports
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered ops: logits [R, V] with unit column stride, tokens [R] contiguous.
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("dvae_kernels::token_logprobs", mutates_args=())
+def _op(logits: torch.Tensor, tokens: torch.Tensor, backend: str
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _FORWARD[backend](logits, tokens)
+
+
+@_op.register_fake
+def _(logits, tokens, backend):
+    out = logits.new_empty(logits.shape[:1], dtype=_acc_dtype(logits.dtype))
+    return out, torch.empty_like(out), torch.empty_like(out)
+
+
+@torch.library.custom_op("dvae_kernels::token_logprobs_backward", mutates_args=())
+def _backward_op(grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+                 logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor,
+                 entropy: torch.Tensor, backend: str) -> torch.Tensor:
+    return _BACKWARD[backend](grad_logp, grad_entropy, logits, tokens, lse, entropy)
+
+
+@_backward_op.register_fake
+def _(grad_logp, grad_entropy, logits, tokens, lse, entropy, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, tokens, backend = inputs
+    _, lse, entropy = output
+    ctx.save_for_backward(logits, tokens, lse, entropy)
+    ctx.backend = backend
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: skip its term
+
+
+def _autograd_backward(ctx, grad_logp, grad_lse, grad_entropy):
+    logits, tokens, lse, entropy = ctx.saved_tensors
+    if grad_lse is not None:  # lse is internal to the public function
+        raise RuntimeError("dvae_kernels::token_logprobs: lse is not differentiable")
+    grad = _backward_op(grad_logp, grad_entropy, logits, tokens, lse, entropy, ctx.backend)
+    return grad, None, None
+
+
+_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, return_entropy: bool = False,
+                   backend: str | None = None):
+    """Log-probability of ``tokens`` under ``softmax(logits)``, per position.
+
+    Args:
+        logits: ``[..., V]`` float32, bfloat16 or float16 (float64: torch backend only).
+        tokens: ``[...]`` int64 or int32, values in ``[0, V)``.
+        return_entropy: also return the entropy of each position's distribution.
+        backend: ``"torch"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``None``/``"auto"``
+            (see ``DVAE_KERNELS_BACKEND``).
+
+    Returns:
+        ``logp[...]`` float32 (and ``entropy[...]`` float32 when ``return_entropy``).
+        Differentiable in ``logits`` through both outputs.
+
+    Equivalent PyTorch::
+
+        lp = torch.log_softmax(logits.float(), -1)
+        logp = lp.gather(-1, tokens[..., None].long())[..., 0]
+        entropy = -(lp.exp() * lp).nan_to_num().sum(-1)   # 0·log 0 = 0
+
+    A row whose logits are all -inf, or that holds NaN or +inf, gives NaN.
+    """
+    _validate.check_logits_tokens(logits, tokens)
+    V = logits.shape[-1]
+    _validate.check_token_range(tokens, V)
+    name = _dispatch.select("token_logprobs", SUPPORTS, backend, logits.device,
+                            logits=logits, tokens=tokens)
+    lead = logits.shape[:-1]
+    x = logits.reshape(-1, V)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    t = tokens.reshape(-1).contiguous()
+    logp, _, entropy = _op(x, t, name)
+    if return_entropy:
+        return logp.view(lead), entropy.view(lead)
+    return logp.view(lead)

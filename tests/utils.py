@@ -1,0 +1,53 @@
+"""Tolerances and comparisons shared by the tests (DESIGN.md §6, STYLE.md 5).
+
+The rule: a backend's error against a float64 computation is at most twice the error of the
+torch backend run on the same inputs in the same dtype, plus a floor per dtype (one table,
+here). Floors are relative to the reference's magnitude (at least 1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOOR = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-6,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,  # about two bf16 ulps: the interpreter truncates fp32 -> bf16
+}
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# The backends under test here: Triton runs through the interpreter on CPU tensors.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def assert_close_to_reference(out, reference, torch_out, dtype, what: str = "output") -> None:
+    """``out`` (a backend's result) vs ``reference`` (float64) vs ``torch_out`` (torch backend,
+    same dtype): NaN where the reference is NaN, otherwise within the rule above."""
+    out = out.detach().double()
+    reference = reference.detach().double()
+    torch_out = torch_out.detach().double()
+    assert out.shape == reference.shape, f"{what}: shape {out.shape} vs {reference.shape}"
+    ref_nan = reference.isnan()
+    assert torch.equal(out.isnan(), ref_nan), (
+        f"{what}: NaN at {out.isnan().nonzero()[:5].tolist()} vs reference "
+        f"{ref_nan.nonzero()[:5].tolist()}")
+    ok = ~ref_nan
+    if not ok.any():
+        return
+    ref = reference[ok]
+    inf = ref.isinf()
+    assert torch.equal(out[ok][inf], ref[inf]), f"{what}: infinities differ"
+    fin = ~inf
+    if not fin.any():
+        return
+    ref = ref[fin]
+    err = (out[ok][fin] - ref).abs().max().item()
+    torch_err = (torch_out[ok][fin] - ref).abs().nan_to_num(float("inf")).max().item()
+    scale = max(1.0, ref.abs().max().item())
+    tol = 2 * torch_err + FLOOR[dtype] * scale
+    assert err <= tol, (f"{what} ({dtype}): max error {err:.3g} > tolerance {tol:.3g} "
+                        f"(torch backend error {torch_err:.3g})")
