@@ -12,12 +12,19 @@ C++/CUDA extension is built) and registered with ``torch.library``:
 """
 
 from ._dispatch import BACKENDS, BackendError
+from .daps_weights import daps_weights
+from .solve_eta import solve_eta
 from .token_logprobs import token_logprobs
+from .weighted_token_nll import WeightedTokenNLL, weighted_token_nll
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "BackendError",
+    "WeightedTokenNLL",
+    "daps_weights",
+    "solve_eta",
     "token_logprobs",
+    "weighted_token_nll",
 ]

@@ -1,0 +1,270 @@
+"""weighted_token_nll: -Σ w·log softmax(logits)[token], the encoder's weighted-ML loss (§1.7).
+
+    loss = -(weights * log_softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0])
+    then .sum(), .mean() over tokens, or kept per token ("none")
+
+Read top to bottom: torch backend, Triton kernel and launcher, registered op, public function.
+
+Gradient in the forward pass. The loss is always followed by its backward in training, and
+its gradient ``w·(softmax(x) - onehot(t))`` needs exactly the row statistics the forward
+computes. So the forward writes the gradient into a fresh [R, V] buffer (never into the
+caller's logits) in the same pass when V fits one tile, and the backward only scales it by the
+incoming gradient. The logits need not be kept alive for the backward. When the logits do not
+require grad, no buffer is written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _dispatch, _validate
+from ._triton import HAS_TRITON, next_power_of_2, tl, triton
+from .token_logprobs import MAX_V, _acc_dtype
+
+# ---------------------------------------------------------------------------------------------
+# torch backend
+# ---------------------------------------------------------------------------------------------
+
+
+def _torch_forward(logits, tokens, weights, compute_grad: bool):
+    """logits [R, V], tokens [R], weights [R] -> (loss [R], grad [R, V] or empty)."""
+    x = logits.to(_acc_dtype(logits.dtype))
+    V = x.shape[-1]
+    w = weights.to(x.dtype)
+    lse = torch.logsumexp(x, dim=-1)
+    valid = (tokens >= 0) & (tokens < V)
+    idx = torch.where(valid, tokens, 0).long()
+    logp = torch.where(valid, x.gather(-1, idx[:, None])[:, 0] - lse, float("nan"))
+    loss = -w * logp
+    if not compute_grad:
+        return loss, logits.new_empty((0,))
+    grad = (x - lse[:, None]).exp()
+    grad.scatter_add_(-1, idx[:, None], -valid[:, None].to(x.dtype))
+    grad.mul_(w[:, None])
+    return loss, grad.to(logits.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton backend
+# ---------------------------------------------------------------------------------------------
+
+_TILE = 4096
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _weighted_token_nll_kernel(
+        logits_ptr, tokens_ptr, weights_ptr, loss_ptr, grad_ptr,
+        n_rows, V, stride_row, stride_grad,
+        COMPUTE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+        ONE_TILE: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < n_rows
+        row_off = rows.to(tl.int64) * stride_row
+        tok = tl.load(tokens_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        tok_ok = (tok >= 0) & (tok < V)
+        w = tl.load(weights_ptr + rows, mask=row_ok, other=0.0)
+        x_tok = tl.load(logits_ptr + row_off + tok, mask=row_ok & tok_ok,
+                        other=float("nan")).to(tl.float32)
+        out_off = rows.to(tl.int64) * stride_grad
+        if ONE_TILE:
+            # The whole row is in registers: statistics and gradient from one read.
+            cols = tl.arange(0, BLOCK_V)
+            mask = row_ok[:, None] & (cols[None, :] < V)
+            x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask,
+                        other=float("-inf")).to(tl.float32)
+            m = tl.max(x, axis=1)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            e = tl.exp(x - m_safe[:, None])
+            s = tl.sum(e, axis=1)
+            lse = m_safe + tl.log(s)
+            tl.store(loss_ptr + rows, -w * (x_tok - lse), mask=row_ok)
+            if COMPUTE_GRAD:
+                onehot = (cols[None, :] == tok[:, None]).to(tl.float32)
+                g = w[:, None] * (e / s[:, None] - onehot)
+                tl.store(grad_ptr + out_off[:, None] + cols[None, :],
+                         g.to(grad_ptr.dtype.element_ty), mask=mask)
+        else:
+            m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+            s = tl.zeros([BLOCK_R], tl.float32)
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + tl.arange(0, BLOCK_V)
+                mask = row_ok[:, None] & (cols[None, :] < V)
+                x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask,
+                            other=float("-inf")).to(tl.float32)
+                m_new = tl.maximum(m, tl.max(x, axis=1))
+                m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                s = tl.exp(m - m_new_safe) * s + tl.sum(tl.exp(x - m_new_safe[:, None]), axis=1)
+                m = m_new
+            lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
+            tl.store(loss_ptr + rows, -w * (x_tok - lse), mask=row_ok)
+            if COMPUTE_GRAD:
+                for v0 in range(0, V, BLOCK_V):
+                    cols = v0 + tl.arange(0, BLOCK_V)
+                    mask = row_ok[:, None] & (cols[None, :] < V)
+                    x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask,
+                                other=float("-inf")).to(tl.float32)
+                    onehot = (cols[None, :] == tok[:, None]).to(tl.float32)
+                    g = w[:, None] * (tl.exp(x - lse[:, None]) - onehot)
+                    tl.store(grad_ptr + out_off[:, None] + cols[None, :],
+                             g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _tile(V: int) -> tuple[int, int]:
+    block_v = min(next_power_of_2(V), _TILE)
+    return max(1, _TILE // block_v), block_v
+
+
+def _triton_forward(logits, tokens, weights, compute_grad: bool):
+    R, V = logits.shape
+    loss = torch.empty(R, dtype=torch.float32, device=logits.device)
+    grad = (torch.empty((R, V), dtype=logits.dtype, device=logits.device) if compute_grad
+            else logits.new_empty((0,)))
+    if R == 0:
+        return loss, grad
+    block_r, block_v = _tile(V)
+    _weighted_token_nll_kernel[(triton.cdiv(R, block_r),)](
+        logits, tokens, weights, loss, grad if compute_grad else loss,
+        R, V, logits.stride(0), grad.stride(0) if compute_grad else 0,
+        COMPUTE_GRAD=compute_grad, BLOCK_R=block_r, BLOCK_V=block_v,
+        ONE_TILE=V <= block_v, num_warps=4,
+    )
+    return loss, grad
+
+
+def _supports_triton(logits, tokens, weights) -> str | None:
+    if logits.dtype == torch.float64:
+        return "float64 logits are served by the torch backend only"
+    if logits.shape[-1] > MAX_V:
+        return f"V = {logits.shape[-1]} exceeds the Triton kernel's limit of {MAX_V}"
+    return None
+
+
+_FORWARD = {"torch": _torch_forward, "triton": _triton_forward}
+SUPPORTS = {"torch": lambda logits, tokens, weights: None, "triton": _supports_triton}
+
+
+def register_backend(name: str, forward, supports) -> None:
+    """Add a backend implementation (used by the C++/CUDA extension loader)."""
+    _FORWARD[name] = forward
+    SUPPORTS[name] = supports
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered op: logits [R, V] (unit column stride), tokens [R], weights [R] float32.
+# Returns the per-token loss and, when compute_grad, d(sum of loss)/d logits.
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("dvae_kernels::weighted_token_nll", mutates_args=())
+def _op(logits: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor,
+        compute_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _FORWARD[backend](logits, tokens, weights, compute_grad)
+
+
+@_op.register_fake
+def _(logits, tokens, weights, compute_grad, backend):
+    loss = logits.new_empty(logits.shape[:1], dtype=_acc_dtype(logits.dtype))
+    grad = (torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad
+            else logits.new_empty((0,)))
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, _, compute_grad, _ = inputs
+    ctx.compute_grad = compute_grad
+    ctx.save_for_backward(output[1])
+
+
+def _autograd_backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    if not ctx.compute_grad:
+        raise RuntimeError(
+            "weighted_token_nll was called without gradient tracking on logits (or under "
+            "torch.no_grad) but is being differentiated")
+    # Out of place: the saved buffer must survive a backward with retain_graph=True.
+    return grad * grad_loss[:, None].to(grad.dtype), None, None, None, None
+
+
+_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function and module
+# ---------------------------------------------------------------------------------------------
+
+_REDUCTIONS = ("sum", "mean", "none")
+
+
+def weighted_token_nll(logits: torch.Tensor, tokens: torch.Tensor, weights,
+                       *, reduction: str = "sum", backend: str | None = None) -> torch.Tensor:
+    """Weighted negative log-likelihood of ``tokens``: ``-Σ weights · log p(tokens)``.
+
+    Args:
+        logits: ``[..., V]`` float32, bfloat16 or float16 (float64: torch backend only).
+        tokens: ``[...]`` int64 or int32 in ``[0, V)``.
+        weights: a tensor broadcastable to ``tokens.shape`` (e.g. ``[N, K, 1]`` over
+            ``[N, K, L]``) or a float. They are targets: no gradient flows into them (they are
+            detached), as in DAPS where they are the stop-gradient importance weights.
+        reduction: ``"sum"`` (default), ``"mean"`` (over all tokens, not over the weights) or
+            ``"none"`` (per token, shape ``[...]``).
+
+    Returns:
+        float32 loss; differentiable in ``logits``.
+
+    Equivalent PyTorch::
+
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None].long())[..., 0]
+        loss = -(weights * lp)                       # "none"
+        loss.sum() / loss.mean()                     # "sum" / "mean"
+    """
+    _validate.check_logits_tokens(logits, tokens)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    V = logits.shape[-1]
+    _validate.check_token_range(tokens, V)
+    if isinstance(weights, (int, float)) and not isinstance(weights, bool):
+        weights = torch.full((), float(weights), device=logits.device)
+    _validate.check_tensor("weights", weights)
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must be floating point, got {_validate.describe(weights)}")
+    _validate.check_same_device(logits=logits, weights=weights)
+    try:
+        w = torch.broadcast_to(weights.detach(), tokens.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"weights must broadcast to the shape of tokens {tuple(tokens.shape)}, got "
+            f"{_validate.describe(weights)}") from None
+    name = _dispatch.select("weighted_token_nll", SUPPORTS, backend, logits.device,
+                            logits=logits, tokens=tokens, weights=w)
+    x = logits.reshape(-1, V)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    acc = _acc_dtype(logits.dtype)
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _ = _op(x, tokens.reshape(-1).contiguous(), w.reshape(-1).to(acc).contiguous(),
+                  compute_grad, name)
+    if reduction == "none":
+        return loss.view(tokens.shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.mean()
+
+
+class WeightedTokenNLL(torch.nn.Module):
+    """Module form of :func:`weighted_token_nll`."""
+
+    def __init__(self, reduction: str = "sum", backend: str | None = None) -> None:
+        super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, logits, tokens, weights):
+        return weighted_token_nll(logits, tokens, weights, reduction=self.reduction,
+                                  backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, backend={self.backend!r}"
