@@ -1,0 +1,508 @@
+"""linear_token_logprobs: token_logprobs of ``hidden @ weight.T + bias`` without the logits.
+
+    logits[..., V] = hidden[..., D] @ weight[V, D].T + bias[V]        (never stored whole)
+    logp[...]      = log_softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
+    entropy[...]   = -(softmax(logits.float(), -1) * log_softmax(logits.float(), -1)).sum(-1)
+
+Read top to bottom: torch backend (the oracle; chunked over rows), Triton kernels and
+launchers, the registered ops with their fake and autograd rules, the public function.
+
+Memory. The materialised path (linear, log_softmax, gather) keeps [N, V] logits, their
+log-softmax and, in the backward, an [N, V] gradient: at N = 65536, V = 16384 that is 4 GiB
+per tensor in float32. Here the forward keeps 8 bytes per row (log-sum-exp and entropy); the
+torch backend holds one [chunk, V] block at a time, the Triton kernels only register tiles.
+
+Kernel plan (Triton). Forward: a program owns BLOCK_N rows; for each vocabulary tile it forms
+the [BLOCK_N, BLOCK_V] logits with ``tl.dot`` over BLOCK_D slices of the hidden size (fp32
+accumulator), then updates an online maximum ``m``, ``s = Σ exp(x - m)`` and
+``a = Σ exp(x - m)·(x - m)`` as in token_logprobs (``lse = m + log s``,
+``entropy = log s - a/s``), and picks the sampled token's logit out of the tile.
+
+Backward: recompute, not gradient-in-forward. A program owns one [BLOCK_N, BLOCK_V] tile:
+it recomputes the logits tile from the saved row statistics (lse, entropy), forms
+``dlogits = g_logp·(onehot - p) - g_entropy·p·(log p + entropy)`` in registers, and adds
+``dlogits @ weight_tile`` into grad_hidden, ``dlogitsᵀ @ hidden_tile`` into grad_weight and the
+column sums into grad_bias with fp32 atomics. Why recompute: storing dlogits (or p) is the
+[N, V] tensor this op exists to avoid, and computing the gradient inside the forward (as
+Liger-Kernel's fused cross-entropy does) needs the upstream gradient before it exists. That is
+known only for a scalar loss whose gradient is 1; here logp and entropy feed arbitrary
+downstream code (DAPS weights, KL terms), and the two outputs have independent gradients.
+Recompute costs one extra N·V·D matmul: four instead of the materialised path's three
+(+33% FLOPs) for O(N + V·D) memory. The atomics make the gradient's last bits depend on the
+order in which tiles finish (not bitwise deterministic on GPU).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _dispatch, _validate
+from ._triton import HAS_TRITON, INTERPRET, next_power_of_2, tl, triton
+from .token_logprobs import _acc_dtype
+
+# ---------------------------------------------------------------------------------------------
+# torch backend: chunked over rows; peak extra memory O(chunk·V + N) beyond a float32 copy of
+# the weight (made only for half-precision inputs).
+# ---------------------------------------------------------------------------------------------
+
+# Logits per chunk. 2^22 float32 values are 16 MiB; a chunk needs about four such blocks
+# (logits, shifted, probabilities, a product) and keeps the per-chunk Python overhead small.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def chunk_rows(V: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(V, 1))
+
+
+def _torch_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """[C, D] x [V, D] (+ [V]) -> [C, V] in the accumulation dtype of ``w``."""
+    h = h.to(w.dtype)
+    return torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
+
+
+def _acc_params(weight, bias):
+    acc = _acc_dtype(weight.dtype)
+    return weight.to(acc), (bias.to(acc) if bias is not None else None)
+
+
+def _row_stats(x: torch.Tensor, tok: torch.Tensor):
+    """logits [C, V] -> (logp, lse, entropy, shifted, p), each row like token_logprobs."""
+    V = x.shape[-1]
+    lse = torch.logsumexp(x, dim=-1)
+    shifted = x - lse[:, None]
+    p = shifted.exp()
+    entropy = -torch.where(p == 0, 0.0, p * shifted).sum(-1)
+    valid = (tok >= 0) & (tok < V)
+    picked = x.gather(-1, torch.where(valid, tok, 0).long()[:, None])[:, 0]
+    logp = torch.where(valid, picked - lse, float("nan"))
+    return logp, lse, entropy, shifted, p
+
+
+def _torch_forward(hidden, weight, tokens, bias):
+    """hidden [N, D], weight [V, D], tokens [N], bias [V] or None -> (logp, lse, entropy)."""
+    N = hidden.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    logp = torch.empty(N, dtype=acc, device=hidden.device)
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp)
+    # Autocast would run the matmul in half precision inside the op; the op decides dtypes.
+    with torch.autocast(hidden.device.type, enabled=False):
+        w, b = _acc_params(weight, bias)
+        step = chunk_rows(weight.shape[0])
+        for r0 in range(0, N, step):
+            x = _torch_logits(hidden[r0:r0 + step], w, b)
+            lp, l, e, _, _ = _row_stats(x, tokens[r0:r0 + step])
+            logp[r0:r0 + step] = lp
+            lse[r0:r0 + step] = l
+            ent[r0:r0 + step] = e
+    return logp, lse, ent
+
+
+def _dlogits(x, tok, lse, entropy, grad_logp, grad_entropy):
+    """d(Σ g_logp·logp + g_entropy·entropy) / d logits for one chunk [C, V]."""
+    shifted = x - lse[:, None]
+    p = shifted.exp()
+    grad = torch.zeros_like(x)
+    if grad_logp is not None:
+        V = x.shape[-1]
+        valid = (tok >= 0) & (tok < V)
+        onehot = torch.zeros_like(x)
+        onehot.scatter_(-1, torch.where(valid, tok, 0).long()[:, None],
+                        valid[:, None].to(x.dtype))
+        grad = grad + grad_logp[:, None].to(x.dtype) * (onehot - p)
+    if grad_entropy is not None:
+        term = torch.where(p == 0, 0.0, p * (shifted + entropy[:, None]))
+        grad = grad - grad_entropy[:, None].to(x.dtype) * term
+    return grad
+
+
+def _torch_backward(grad_logp, grad_entropy, hidden, weight, tokens, bias, lse, entropy):
+    N, D = hidden.shape
+    V = weight.shape[0]
+    with torch.autocast(hidden.device.type, enabled=False):
+        w, b = _acc_params(weight, bias)
+        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+        grad_w = torch.zeros((V, D), dtype=w.dtype, device=w.device)
+        grad_b = torch.zeros((V,), dtype=w.dtype, device=w.device)
+        step = chunk_rows(V)
+        for r0 in range(0, N, step):
+            sl = slice(r0, r0 + step)
+            h = hidden[sl].to(w.dtype)
+            x = _torch_logits(h, w, b)
+            g = _dlogits(x, tokens[sl], lse[sl], entropy[sl],
+                         grad_logp[sl] if grad_logp is not None else None,
+                         grad_entropy[sl] if grad_entropy is not None else None)
+            grad_hidden[sl] = (g @ w).to(hidden.dtype)
+            grad_w.addmm_(g.t(), h)
+            grad_b += g.sum(0)
+    bias_dtype = bias.dtype if bias is not None else weight.dtype
+    return grad_hidden, grad_w.to(weight.dtype), grad_b.to(bias_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton backend
+# ---------------------------------------------------------------------------------------------
+
+# Tile sizes. tl.dot needs every tile dimension >= 16 on the GPU; 64 x 64 logits with 64-wide
+# hidden slices keep the fp32 accumulator at 32 registers per thread at 4 warps.
+BLOCK_N = 64
+BLOCK_V = 64
+MAX_BLOCK_D = 64
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D,
+                     stride_hn, stride_hd, stride_wv, stride_wd,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                     BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+                     PRECISION: tl.constexpr):
+        """[BLOCK_N, BLOCK_V] float32 logits of ``rows`` x ``cols`` (0 where masked)."""
+        h_off = rows.to(tl.int64)[:, None] * stride_hn
+        w_off = cols.to(tl.int64)[None, :] * stride_wv
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            h = tl.load(h_ptr + h_off + dd[None, :] * stride_hd,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + w_off + dd[:, None] * stride_wd,
+                        mask=d_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_V]
+            if DOT_FP32:  # the interpreter's tl.dot is wrong on bf16 operands
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(h, w, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            acc += b[None, :]
+        return acc
+
+    @triton.jit
+    def _linear_token_logprobs_fwd_kernel(
+        h_ptr, w_ptr, b_ptr, tokens_ptr, logp_ptr, lse_ptr, ent_ptr,
+        N, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
+        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+        BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        tok = tl.load(tokens_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        m = tl.full([BLOCK_N], float("-inf"), tl.float32)  # running max (may stay -inf)
+        m_safe = tl.zeros([BLOCK_N], tl.float32)  # finite version used as the shift
+        s = tl.zeros([BLOCK_N], tl.float32)  # Σ exp(x - m_safe)
+        a = tl.zeros([BLOCK_N], tl.float32)  # Σ exp(x - m_safe) · (x - m_safe)
+        picked = tl.zeros([BLOCK_N], tl.float32)  # the sampled token's logit
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_ok = cols < V
+            x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D,
+                             stride_hn, stride_hd, stride_wv, stride_wd,
+                             HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, PRECISION)
+            x = tl.where(col_ok[None, :], x, float("-inf"))
+            picked += tl.sum(tl.where(cols[None, :] == tok[:, None], x, 0.0), axis=1)
+            m_new = tl.maximum(m, tl.max(x, axis=1))
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_new_safe)  # 0 while nothing finite was seen
+            d = tl.where(x == float("-inf"), 0.0, x - m_new_safe[:, None])
+            e = tl.exp(x - m_new_safe[:, None])
+            a = alpha * (a + s * (m_safe - m_new_safe)) + tl.sum(e * d, axis=1)
+            s = alpha * s + tl.sum(e, axis=1)
+            m = m_new
+            m_safe = m_new_safe
+        log_s = tl.log(s)
+        lse = m_safe + log_s
+        tok_ok = (tok >= 0) & (tok < V)
+        logp = tl.where(tok_ok, picked - lse, float("nan"))
+        tl.store(logp_ptr + rows, logp, mask=row_ok)
+        tl.store(lse_ptr + rows, lse, mask=row_ok)
+        tl.store(ent_ptr + rows, log_s - a / s, mask=row_ok)
+
+    @triton.jit
+    def _linear_token_logprobs_bwd_kernel(
+        glogp_ptr, gent_ptr, h_ptr, w_ptr, b_ptr, tokens_ptr, lse_ptr, ent_ptr,
+        gh_ptr, gw_ptr, gb_ptr,
+        N, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
+        HAS_BIAS: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        row_ok = rows < N
+        col_ok = cols < V
+        x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D,
+                         stride_hn, stride_hd, stride_wv, stride_wd,
+                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, PRECISION)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        shifted = x - lse[:, None]
+        p = tl.exp(shifted)
+        g = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        if HAS_GLOGP:
+            g_lp = tl.load(glogp_ptr + rows, mask=row_ok, other=0.0)
+            tok = tl.load(tokens_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+            onehot = (cols[None, :] == tok[:, None]).to(tl.float32)
+            g += g_lp[:, None] * (onehot - p)
+        if HAS_GENT:
+            g_h = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
+            ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+            term = tl.where(p == 0.0, 0.0, p * (shifted + ent[:, None]))
+            g -= g_h[:, None] * term
+        g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
+        if HAS_BIAS:
+            tl.atomic_add(gb_ptr + cols, tl.sum(g, axis=0), mask=col_ok)
+        if DOT_FP32:
+            gd = g
+        else:  # tensor-core operands in the input dtype, as the materialised backward has
+            gd = g.to(h_ptr.dtype.element_ty)
+        h_off = rows.to(tl.int64)[:, None] * stride_hn
+        w_off = cols.to(tl.int64)[:, None] * stride_wv
+        gh_off = rows.to(tl.int64)[:, None] * D
+        gw_off = cols.to(tl.int64)[:, None] * D
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            h = tl.load(h_ptr + h_off + dd[None, :] * stride_hd,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+            w = tl.load(w_ptr + w_off + dd[None, :] * stride_wd,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_V, BLOCK_D]
+            if DOT_FP32:
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            dh = tl.dot(gd, w, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
+            tl.atomic_add(gh_ptr + gh_off + dd[None, :], dh,
+                          mask=row_ok[:, None] & d_ok[None, :])
+            dw = tl.dot(tl.trans(gd), h, input_precision=PRECISION)  # [BLOCK_V, BLOCK_D]
+            tl.atomic_add(gw_ptr + gw_off + dd[None, :], dw,
+                          mask=col_ok[:, None] & d_ok[None, :])
+
+
+def _block_d(D: int) -> int:
+    return max(16, min(MAX_BLOCK_D, next_power_of_2(D)))
+
+
+def _dot_config(dtype: torch.dtype) -> tuple[bool, str]:
+    """(cast operands to fp32, tl.dot input_precision)."""
+    if INTERPRET:
+        return True, "ieee"
+    # float32 follows torch's own matmul setting (TF32 only when the user allowed it).
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return False, "tf32" if tf32 else "ieee"
+
+
+def _triton_forward(hidden, weight, tokens, bias):
+    N, D = hidden.shape
+    V = weight.shape[0]
+    logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp)
+    if N == 0:
+        return logp, lse, ent
+    dot_fp32, precision = _dot_config(hidden.dtype)
+    _linear_token_logprobs_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
+        hidden, weight, bias if bias is not None else weight, tokens, logp, lse, ent,
+        N, V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=_block_d(D),
+        DOT_FP32=dot_fp32, PRECISION=precision, num_warps=4,
+    )
+    return logp, lse, ent
+
+
+def _triton_backward(grad_logp, grad_entropy, hidden, weight, tokens, bias, lse, entropy):
+    N, D = hidden.shape
+    V = weight.shape[0]
+    # fp32 accumulation buffers for the atomics: O(N·D + V·D), never O(N·V).
+    gh = torch.zeros((N, D), dtype=torch.float32, device=hidden.device)
+    gw = torch.zeros((V, D), dtype=torch.float32, device=hidden.device)
+    gb = torch.zeros((V,), dtype=torch.float32, device=hidden.device)
+    if N > 0 and V > 0 and (grad_logp is not None or grad_entropy is not None):
+        dot_fp32, precision = _dot_config(hidden.dtype)
+        dummy = lse  # never read when the matching HAS_ flag is off
+        grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(V, BLOCK_V))
+        _linear_token_logprobs_bwd_kernel[grid](
+            grad_logp.contiguous() if grad_logp is not None else dummy,
+            grad_entropy.contiguous() if grad_entropy is not None else dummy,
+            hidden, weight, bias if bias is not None else weight, tokens, lse, entropy,
+            gh, gw, gb,
+            N, V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            HAS_BIAS=bias is not None, HAS_GLOGP=grad_logp is not None,
+            HAS_GENT=grad_entropy is not None,
+            BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=_block_d(D),
+            DOT_FP32=dot_fp32, PRECISION=precision, num_warps=4,
+        )
+    bias_dtype = bias.dtype if bias is not None else weight.dtype
+    return gh.to(hidden.dtype), gw.to(weight.dtype), gb.to(bias_dtype)
+
+
+def _supports_triton(hidden, weight, tokens, bias) -> str | None:
+    if hidden.dtype == torch.float64:
+        return "float64 inputs are served by the torch backend only"
+    return None
+
+
+def _supports_torch(hidden, weight, tokens, bias) -> str | None:
+    return None
+
+
+_FORWARD = {"torch": _torch_forward, "triton": _triton_forward}
+_BACKWARD = {"torch": _torch_backward, "triton": _triton_backward}
+SUPPORTS = {"torch": _supports_torch, "triton": _supports_triton}
+
+
+def register_backend(name: str, forward, backward, supports) -> None:
+    """Add a backend implementation (used by the C++/CUDA extension loader)."""
+    _FORWARD[name] = forward
+    _BACKWARD[name] = backward
+    SUPPORTS[name] = supports
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered ops: hidden [N, D], weight [V, D], tokens [N] contiguous, bias [V] or None; one
+# dtype for hidden, weight and bias.
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("dvae_kernels::linear_token_logprobs", mutates_args=())
+def _op(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
+        bias: Optional[torch.Tensor], backend: str
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _FORWARD[backend](hidden, weight, tokens, bias)
+
+
+@_op.register_fake
+def _(hidden, weight, tokens, bias, backend):
+    out = hidden.new_empty(hidden.shape[:1], dtype=_acc_dtype(hidden.dtype))
+    return out, torch.empty_like(out), torch.empty_like(out)
+
+
+@torch.library.custom_op("dvae_kernels::linear_token_logprobs_backward", mutates_args=())
+def _backward_op(grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+                 hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
+                 bias: Optional[torch.Tensor], lse: torch.Tensor, entropy: torch.Tensor,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _BACKWARD[backend](grad_logp, grad_entropy, hidden, weight, tokens, bias, lse,
+                              entropy)
+
+
+@_backward_op.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, tokens, bias, lse, entropy, backend):
+    bias_dtype = bias.dtype if bias is not None else weight.dtype
+    return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+            weight.new_empty(weight.shape[:1], dtype=bias_dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, tokens, bias, backend = inputs
+    _, lse, entropy = output
+    ctx.save_for_backward(hidden, weight, tokens, bias, lse, entropy)
+    ctx.backend = backend
+    ctx.has_bias = bias is not None
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: skip its term
+
+
+def _autograd_backward(ctx, grad_logp, grad_lse, grad_entropy):
+    hidden, weight, tokens, bias, lse, entropy = ctx.saved_tensors
+    if grad_lse is not None:  # lse is internal to the public function
+        raise RuntimeError("dvae_kernels::linear_token_logprobs: lse is not differentiable")
+    gh, gw, gb = _backward_op(grad_logp, grad_entropy, hidden, weight, tokens, bias, lse,
+                              entropy, ctx.backend)
+    return gh, gw, None, (gb if ctx.has_bias else None), None
+
+
+_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+
+
+def check_linear(hidden: torch.Tensor, weight: torch.Tensor, bias) -> None:
+    """Shapes, dtypes and devices of ``hidden[..., D]``, ``weight[V, D]``, ``bias[V]``."""
+    _validate.check_float("hidden", hidden)
+    _validate.check_float("weight", weight)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have a hidden dimension [..., D], got a 0-d tensor")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be [V, D] with D = hidden.shape[-1] = {hidden.shape[-1]}, got "
+            f"{_validate.describe(weight)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"weight must have the dtype of hidden ({hidden.dtype}), got "
+            f"{_validate.describe(weight)} (outside autocast, cast one of them)")
+    if bias is not None:
+        _validate.check_float("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got "
+                             f"{_validate.describe(bias)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got "
+                            f"{_validate.describe(bias)}")
+    _validate.check_same_device(hidden=hidden, weight=weight, bias=bias)
+
+
+def autocast_inputs(hidden, weight, bias):
+    """Under autocast, cast like ``F.linear`` would (to the autocast dtype); else unchanged."""
+    dev = hidden.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        tensors = [t for t in (hidden, weight, bias) if isinstance(t, torch.Tensor)]
+        if all(t.is_floating_point() for t in tensors):
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+    return hidden, weight, bias
+
+
+def flatten_linear(hidden, weight, bias, tokens=None):
+    """hidden [..., D] -> [N, D] (strides kept where possible); tokens -> [N] contiguous."""
+    x = hidden.reshape(-1, hidden.shape[-1])
+    t = tokens.reshape(-1).contiguous() if tokens is not None else None
+    b = bias.contiguous() if bias is not None else None
+    return x, weight, b, t
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
+                          bias: Optional[torch.Tensor] = None, *, return_entropy: bool = False,
+                          backend: str | None = None):
+    """Log-probability of ``tokens`` under ``softmax(hidden @ weight.T + bias)``, per position,
+    without materialising the ``[..., V]`` logits (forward or backward).
+
+    Args:
+        hidden: ``[..., D]`` float32, bfloat16 or float16 (float64: torch backend only).
+        weight: ``[V, D]``, the dtype of ``hidden`` (under autocast both are cast to the
+            autocast dtype, as ``F.linear`` does).
+        tokens: ``[...]`` (the leading shape of ``hidden``) int64 or int32, in ``[0, V)``.
+        bias: ``[V]`` or None.
+        return_entropy: also return the entropy of each position's distribution.
+        backend: ``"torch"``, ``"triton"`` or ``None``/``"auto"`` (see ``DVAE_KERNELS_BACKEND``).
+
+    Returns:
+        ``logp[...]`` float32 (and ``entropy[...]`` float32 when ``return_entropy``).
+        Differentiable in ``hidden``, ``weight`` and ``bias`` through both outputs. The
+        matmul accumulates in float32 whatever the input dtype.
+
+    Equivalent PyTorch::
+
+        logits = torch.nn.functional.linear(hidden, weight, bias).float()
+        lp = torch.log_softmax(logits, -1)
+        logp = lp.gather(-1, tokens[..., None].long())[..., 0]
+        entropy = -(lp.exp() * lp).nan_to_num().sum(-1)   # 0·log 0 = 0
+
+    A position whose logits are all -inf or hold NaN or +inf gives NaN.
+    """
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
+    check_linear(hidden, weight, bias)
+    _validate.check_logits_tokens(hidden, tokens, logits_name="hidden")
+    V = weight.shape[0]
+    _validate.check_token_range(tokens, V)
+    name = _dispatch.select("linear_token_logprobs", SUPPORTS, backend, hidden.device,
+                            hidden=hidden, weight=weight, tokens=tokens, bias=bias)
+    lead = hidden.shape[:-1]
+    x, w, b, t = flatten_linear(hidden, weight, bias, tokens)
+    logp, _, entropy = _op(x, w, t, b, name)
+    if return_entropy:
+        return logp.view(lead), entropy.view(lead)
+    return logp.view(lead)
