@@ -1,0 +1,184 @@
+"""The DAPS objective of DESIGN.md §1, on the dvae_kernels ops.
+
+For a batch of N images with K sampled latent sequences each:
+
+    rewards   r_ik = log p_φ(x_i|z_ik)                         (detached)
+    logq      ℓ_ik = Σ_l log softmax(logits_ikl)[z_ikl]         (teacher-forced)
+    weights   w_ik = softmax_k((r_ik − b_i − β·sg(ℓ_ik)) / (η + β))   any per-row b_i cancels
+    ESS_i = 1 / Σ_k w_ik²
+    L_enc = −(1/N) Σ_ik sg(w_ik) ℓ_ik                           weighted maximum likelihood
+    L_dec = −(1/(N·K)) Σ_ik log p_φ(x_i|z_ik)
+    L_eta = (mean_i ESS_i − ρK)²                                 (learned η: gradient in log η)
+
+The pieces are separate functions so that the training step can put each in its own
+profiling range; :func:`daps_losses` composes them (and is what the tests check against a
+float64 transcription of §1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+import dvae_kernels
+
+
+def beta_at(step: int, total_steps: int, beta_start: float, beta_end: float) -> float:
+    """Exponential annealing from ``beta_start`` at step 0 to ``beta_end`` at ``total_steps``
+    (constant afterwards): ``beta_start · (beta_end / beta_start) ** min(step / total, 1)``."""
+    if total_steps <= 0:
+        return beta_end
+    frac = min(max(step, 0) / total_steps, 1.0)
+    return beta_start * (beta_end / beta_start) ** frac
+
+
+def _fused(name: str):
+    return getattr(dvae_kernels, name, None)
+
+
+def token_stats(hidden: torch.Tensor, head: torch.nn.Linear, tokens: torch.Tensor, *,
+                logits: torch.Tensor | None = None, backend: str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log q and entropy from the teacher-forced pass, without gradient.
+
+    Args:
+        hidden: ``[N, K, L, d]`` teacher-forced hidden states.
+        head: the output layer (V x d).
+        tokens: ``[N, K, L]``.
+        logits: ``head(hidden)`` if already materialised (then the logits path is used).
+
+    Returns:
+        ``(logp [N, K, L], entropy [N, K, L])`` float32, detached. Uses the fused
+        ``linear_token_logprobs`` (never materialising ``[N, K, L, V]``) when dvae_kernels has
+        it and ``logits`` is not given.
+    """
+    with torch.no_grad():
+        fused = _fused("linear_token_logprobs")
+        if logits is None and fused is not None:
+            return fused(hidden, head.weight, tokens, head.bias, return_entropy=True,
+                         backend=backend)
+        if logits is None:
+            logits = head(hidden)
+        return dvae_kernels.token_logprobs(logits.detach(), tokens, return_entropy=True,
+                                           backend=backend)
+
+
+def encoder_loss(hidden: torch.Tensor, head: torch.nn.Linear, tokens: torch.Tensor,
+                 weights: torch.Tensor, *, logits: torch.Tensor | None = None,
+                 backend: str | None = None) -> torch.Tensor:
+    """``L_enc = −(1/N) Σ_ik sg(w_ik) Σ_l log q(z_ikl | z_ik<l, x_i)``.
+
+    Args:
+        hidden: ``[N, K, L, d]`` (differentiable).
+        head: the output layer.
+        tokens: ``[N, K, L]``.
+        weights: ``[N, K]`` DAPS importance weights (treated as constants).
+        logits: ``head(hidden)`` if already materialised.
+    """
+    N = tokens.shape[0]
+    w = weights.detach()[..., None]
+    fused = _fused("linear_weighted_token_nll")
+    if logits is None and fused is not None:
+        total = fused(hidden, head.weight, tokens, w, head.bias, reduction="sum",
+                      backend=backend)
+    else:
+        if logits is None:
+            logits = head(hidden)
+        total = dvae_kernels.weighted_token_nll(logits, tokens, w, reduction="sum",
+                                                backend=backend)
+    return total / N
+
+
+def decoder_loss(logpx: torch.Tensor) -> torch.Tensor:
+    """``L_dec = −mean_ik log p(x_i|z_ik)`` over ``logpx [N, K]`` (unweighted)."""
+    return -logpx.mean()
+
+
+def eta_for_step(log_eta: torch.Tensor, rewards: torch.Tensor, logq: torch.Tensor, beta: float,
+                 ess_target: float, mode: str, *, backend: str | None = None) -> torch.Tensor:
+    """η for this step: ``exp(log_eta)`` (learned; differentiable) or ``solve_eta`` (solved)."""
+    if mode == "learned":
+        return log_eta.exp()
+    if mode == "solved":
+        return dvae_kernels.solve_eta(rewards, logq, beta, ess_target, backend=backend)
+    raise ValueError(f"eta mode must be 'learned' or 'solved', got {mode!r}")
+
+
+def eta_loss(ess: torch.Tensor, ess_target: float, num_samples: int) -> torch.Tensor:
+    """``(mean_i ESS_i − ρK)²`` for ``ess [N]``; differentiable in η through ``ess``."""
+    return (ess.mean() - ess_target * num_samples) ** 2
+
+
+def beta_elbo(logpx: torch.Tensor, entropy: torch.Tensor, vocab_size: int, beta: float
+              ) -> torch.Tensor:
+    """``E[log p(x|z)] − β·KL(q‖uniform)`` per image, averaged over its samples.
+
+    Args:
+        logpx: ``[N, K]``.
+        entropy: ``[N, K, L]`` per-position entropies of q along each sampled prefix, so that
+            ``KL = Σ_l (log V − H_l)``.
+
+    Returns:
+        ``[N]`` float32.
+    """
+    kl = (math.log(vocab_size) - entropy.float()).sum(-1)
+    return (logpx.float() - beta * kl).mean(-1)
+
+
+@dataclass
+class DAPSTerms:
+    """Everything one DAPS step computes (losses are 0-d tensors)."""
+
+    encoder_loss: torch.Tensor
+    decoder_loss: torch.Tensor
+    eta_loss: torch.Tensor
+    weights: torch.Tensor  # [N, K]
+    ess: torch.Tensor  # [N]
+    eta: torch.Tensor  # 0-d
+    logq: torch.Tensor  # [N, K], detached
+    entropy: torch.Tensor  # [N, K, L], detached
+    rewards: torch.Tensor  # [N, K], detached
+
+
+def daps_losses(logpx: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear,
+                tokens: torch.Tensor, log_eta: torch.Tensor, beta: float, *,
+                ess_target: float, eta_mode: str = "learned", use_logits: bool = False,
+                backend: str | None = None) -> DAPSTerms:
+    """One DAPS objective evaluation (DESIGN.md §1, steps 2-8).
+
+    Args:
+        logpx: ``[N, K]`` log p_φ(x_i|z_ik) (differentiable in φ).
+        hidden: ``[N, K, L, d]`` teacher-forced hidden states (differentiable in θ).
+        head: the encoder's output layer; ``logits = head(hidden)``.
+        tokens: ``[N, K, L]`` the sampled sequences.
+        log_eta: 0-d; a parameter when ``eta_mode="learned"``.
+        beta: this step's entropy weight.
+        ess_target: ρ, the target mean ESS as a fraction of K.
+        use_logits: materialise the logits even when fused linear ops exist.
+
+    Equivalent PyTorch (float64 transcription in tests/test_dvae_daps.py)::
+
+        lp = log_softmax(head(hidden), -1).gather(-1, tokens[..., None])[..., 0]
+        logq = lp.sum(-1); r = logpx.detach()
+        w = softmax((r - r.logsumexp(-1, True) - beta * logq.detach()) / (eta + beta), -1)
+        ess = 1 / (w ** 2).sum(-1)
+        L_enc = -(w.detach() * logq).sum() / N;  L_dec = -logpx.mean()
+        L_eta = (ess.mean() - rho * K) ** 2
+    """
+    N, K, L = tokens.shape
+    logits = head(hidden) if use_logits or _fused("linear_token_logprobs") is None else None
+    logp_tok, entropy = token_stats(hidden, head, tokens, logits=logits, backend=backend)
+    logq = logp_tok.sum(-1)
+    rewards = logpx.detach().float()
+    eta = eta_for_step(log_eta, rewards, logq, beta, ess_target, eta_mode, backend=backend)
+    weights, ess = dvae_kernels.daps_weights(rewards, logq, beta, eta, backend=backend)
+    if eta_mode == "learned":
+        l_eta = eta_loss(ess, ess_target, K)
+    else:
+        l_eta = ess.new_zeros(())
+    l_enc = encoder_loss(hidden, head, tokens, weights, logits=logits, backend=backend)
+    return DAPSTerms(encoder_loss=l_enc, decoder_loss=decoder_loss(logpx), eta_loss=l_eta,
+                     weights=weights.detach(), ess=ess.detach(), eta=eta.detach(), logq=logq,
+                     entropy=entropy, rewards=rewards)

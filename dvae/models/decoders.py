@@ -1,0 +1,147 @@
+"""Decoders p_φ(x|z) of the paper and their pixel likelihoods.
+
+* :class:`MLPDecoder` (MNIST): Embed(V, d) per token, concatenated, Dense/ReLU layers, a head.
+* :class:`ResNetDecoder` (CIFAR-10, ImageNet-256): Embed(V, d) -> token grid -> conv 3x3 ->
+  residual blocks -> transposed-conv 2x upsamplings -> the patch canvas, cropped to the image.
+
+A decoder maps tokens ``[B, L]`` to likelihood parameters ``[B, C*m, H, W]`` where ``m`` is 1
+(Bernoulli logits) or 2 (Gaussian mean and log-variance). :class:`Bernoulli` and
+:class:`Gaussian` turn parameters and pixels into ``log p(x|z)`` summed over pixels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .patches import Patcher
+
+
+class Bernoulli(nn.Module):
+    """Binarised pixels: ``log p(x|z) = Σ x·log σ(a) + (1-x)·log(1-σ(a))``."""
+
+    params_per_channel = 1
+
+    def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """params [..., C, H, W] (logits), x broadcastable to it -> [...] float32."""
+        params = params.float()
+        x = x.float().expand_as(params)
+        return -F.binary_cross_entropy_with_logits(params, x, reduction="none").sum((-3, -2, -1))
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(params.float())
+
+
+class Gaussian(nn.Module):
+    """Diagonal Gaussian with a learned log-variance clipped to ``[log min_var, log max_var]``."""
+
+    params_per_channel = 2
+
+    def __init__(self, min_var: float = 0.01, max_var: float = 1.0):
+        super().__init__()
+        self.log_min = math.log(min_var)
+        self.log_max = math.log(max_var)
+
+    def split(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = params.float().chunk(2, dim=-3)
+        return mean, logvar.clamp(self.log_min, self.log_max)
+
+    def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """params [..., 2C, H, W], x broadcastable to [..., C, H, W] -> [...] float32."""
+        mean, logvar = self.split(params)
+        sq = (x.float() - mean).square()
+        lp = -0.5 * (math.log(2 * math.pi) + logvar + sq * torch.exp(-logvar))
+        return lp.sum((-3, -2, -1))
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        return self.split(params)[0]
+
+
+class MLPDecoder(nn.Module):
+    """tokens [B, L] -> Embed -> flatten [B, L*d] -> (Dense, ReLU)* -> Dense -> [B, C*m, H, W]."""
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_len: int, vocab_size: int,
+                 d_model: int, hidden: list[int], params_per_channel: int):
+        super().__init__()
+        C, H, W = image_shape
+        self.out_shape = (C * params_per_channel, H, W)
+        self.embed = nn.Embedding(vocab_size, d_model)
+        layers: list[nn.Module] = []
+        width = latent_len * d_model
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.body = nn.Sequential(*layers)
+        # Separate heads per parameter kind (mean, log-variance), as in the reference.
+        self.heads = nn.ModuleList(
+            [nn.Linear(width, C * H * W) for _ in range(params_per_channel)])
+        self.channels = C
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B = tokens.shape[0]
+        h = self.body(self.embed(tokens).reshape(B, -1))
+        C, _, H, W = self.channels, *self.out_shape
+        return torch.cat([head(h).view(B, C, H, W) for head in self.heads], dim=1)
+
+
+class ResidualBlock(nn.Module):
+    """x + BN(conv1x1(ReLU(BN(conv3x3(ReLU(x))))))"""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(ch)
+        self.conv2 = nn.Conv2d(ch, ch, 1)
+        self.bn2 = nn.BatchNorm2d(ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn1(self.conv1(F.relu(x)))
+        return x + self.bn2(self.conv2(F.relu(y)))
+
+
+class ResNetDecoder(nn.Module):
+    """tokens [B, L] -> Embed -> grid [B, d, gh, gw] -> conv 3x3 -> residual blocks -> ReLU
+    -> log2(canvas/gh) transposed convs (4x4, stride 2; BN+ReLU between) -> crop."""
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_len: int, vocab_size: int,
+                 d_model: int, hidden: int, num_blocks: int, params_per_channel: int):
+        super().__init__()
+        C, H, W = image_shape
+        self.patcher = Patcher(H, W, C, latent_len)
+        gh, gw = self.patcher.grid
+        ch_, cw_ = self.patcher.canvas
+        ratio = ch_ // gh
+        if gh != gw or ch_ != cw_ or ch_ % gh or ratio & (ratio - 1) or ratio < 2:
+            raise ValueError(
+                f"the ResNet decoder needs a square token grid that upsamples by a power of two "
+                f"to a square canvas; L={latent_len} gives a {gh}x{gw} grid and a "
+                f"{ch_}x{cw_} canvas for {H}x{W} images")
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.grid = (gh, gw)
+        self.stem = nn.Conv2d(d_model, hidden, 3, padding=1)
+        self.blocks = nn.Sequential(*[ResidualBlock(hidden) for _ in range(num_blocks)])
+        final = C * params_per_channel
+        ups: list[nn.Module] = []
+        ch = hidden
+        n_up = int(math.log2(ratio))
+        for i in range(n_up):
+            out = final if i == n_up - 1 else max(ch // 2, final)
+            ups.append(nn.ConvTranspose2d(ch, out, 4, stride=2, padding=1))
+            if i < n_up - 1:
+                ups += [nn.BatchNorm2d(out), nn.ReLU()]
+            ch = out
+        self.up = nn.Sequential(*ups)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B = tokens.shape[0]
+        gh, gw = self.grid
+        e = self.embed(tokens).view(B, gh, gw, -1).permute(0, 3, 1, 2)
+        h = F.relu(self.blocks(self.stem(e)))
+        return self.patcher.crop(self.up(h))

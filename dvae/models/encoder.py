@@ -1,0 +1,289 @@
+"""The autoregressive transformer encoder q_θ(z|x) of DESIGN.md §1 (the DAPS "policy").
+
+    patches(x) -> Dense(d) -> bidirectional transformer -> memory [N, P, d]
+    [start, z_1 .. z_{L-1}] -> causal transformer (self-attn, cross-attn to memory) -> Dense(V)
+
+Pre-LayerNorm blocks, fixed sinusoidal positions, no attention biases (as in the reference).
+Token id 0 is an ordinary token: the start token has its own embedding row (index V).
+
+Two ways through the causal stack, which must agree (tests/test_dvae_models.py):
+
+* :meth:`ARTransformerEncoder.sample` draws K sequences per image with a KV cache. Shapes are
+  static: the caches are allocated once, every step attends over all L cache slots with a
+  precomputed causal row mask, and nothing grows, so the loop can be captured as a CUDA graph.
+* :meth:`ARTransformerEncoder.teacher_forced` runs all L positions at once (differentiable).
+
+The K samples of one image share its memory. Cross-attention is not causal, so the K·L queries
+of an image are folded into one query axis against that image's P keys: the memory's keys and
+values are computed and stored once per image, never K times.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .patches import Patcher
+
+
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    """``[length, dim]`` table: sines in the first half, cosines in the second (reference
+    layout), frequencies geometric from 1 to 1/10000."""
+    half = dim // 2
+    position = torch.arange(length, dtype=torch.float64)[:, None]
+    scale = -math.log(10000.0) / max(half - 1, 1)
+    freq = torch.exp(torch.arange(half, dtype=torch.float64) * scale)
+    table = torch.zeros(length, dim, dtype=torch.float64)
+    table[:, :half] = torch.sin(position * freq)
+    table[:, half:2 * half] = torch.cos(position * freq)
+    return table.float()
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, ratio: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d, ratio * d)
+        self.fc2 = nn.Linear(ratio * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
+    """[B, T, h*dh] -> [B, h, T, dh]"""
+    B, T, D = x.shape
+    return x.view(B, T, h, D // h).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """[B, h, T, dh] -> [B, T, h*dh]"""
+    B, h, T, dh = x.shape
+    return x.transpose(1, 2).reshape(B, T, h * dh)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.out = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(_heads(q, self.heads), _heads(k, self.heads),
+                                           _heads(v, self.heads), is_causal=causal)
+        return self.out(_merge(y))
+
+    def step(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t: int,
+             mask: torch.Tensor) -> torch.Tensor:
+        """One position: x [B, 1, d]; caches [B, h, L, dh] get slot t; mask [1, L] bool."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        k_cache[:, :, t:t + 1] = _heads(k, self.heads)
+        v_cache[:, :, t:t + 1] = _heads(v, self.heads)
+        y = F.scaled_dot_product_attention(_heads(q, self.heads), k_cache, v_cache,
+                                           attn_mask=mask)
+        return self.out(_merge(y))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(d, d, bias=False)
+        self.kv = nn.Linear(d, 2 * d, bias=False)
+        self.out = nn.Linear(d, d, bias=False)
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv(memory).chunk(2, dim=-1)
+        return _heads(k, self.heads), _heads(v, self.heads)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x [N, S, d] (S = the folded queries of one image), k/v [N, h, P, dh]."""
+        y = F.scaled_dot_product_attention(_heads(self.q(x), self.heads), k, v)
+        return self.out(_merge(y))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, d: int, heads: int, ratio: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = SelfAttention(d, heads)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = MLP(d, ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), causal=False)
+        return x + self.mlp(self.ln2(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, d: int, heads: int, ratio: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.self_attn = SelfAttention(d, heads)
+        self.ln2 = nn.LayerNorm(d)
+        self.cross_attn = CrossAttention(d, heads)
+        self.ln3 = nn.LayerNorm(d)
+        self.mlp = MLP(d, ratio)
+
+    def forward(self, x: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor
+                ) -> torch.Tensor:
+        """x [N*K, T, d] -> [N*K, T, d]; mem_k/mem_v [N, h, P, dh]."""
+        NK, T, d = x.shape
+        N = mem_k.shape[0]
+        x = x + self.self_attn(self.ln1(x), causal=True)
+        y = self.cross_attn(self.ln2(x).view(N, (NK // N) * T, d), mem_k, mem_v)
+        x = x + y.view(NK, T, d)
+        return x + self.mlp(self.ln3(x))
+
+    def step(self, x: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
+             k_cache: torch.Tensor, v_cache: torch.Tensor, t: int, mask: torch.Tensor
+             ) -> torch.Tensor:
+        NK, _, d = x.shape
+        N = mem_k.shape[0]
+        x = x + self.self_attn.step(self.ln1(x), k_cache, v_cache, t, mask)
+        y = self.cross_attn(self.ln2(x).view(N, NK // N, d), mem_k, mem_v)
+        x = x + y.view(NK, 1, d)
+        return x + self.mlp(self.ln3(x))
+
+
+class ARTransformerEncoder(nn.Module):
+    """q_θ(z|x): images [N, C, H, W] -> categorical distributions over z in {0..V-1}^L.
+
+    Args:
+        image_shape: ``(C, H, W)``.
+        latent_len: L, tokens per image.
+        vocab_size: V.
+        d_model, num_heads, enc_layers, dec_layers, mlp_ratio: transformer sizes.
+        num_patches: P patches per image (a near-square grid; the reference uses P = L).
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_len: int, vocab_size: int,
+                 d_model: int = 64, num_heads: int = 4, enc_layers: int = 1,
+                 dec_layers: int = 1, mlp_ratio: int = 4, num_patches: int | None = None):
+        super().__init__()
+        C, H, W = image_shape
+        self.latent_len = latent_len
+        self.vocab_size = vocab_size
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.patcher = Patcher(H, W, C, num_patches or latent_len)
+        P = self.patcher.num_patches
+        self.patch_proj = nn.Linear(self.patcher.patch_dim, d_model)
+        self.enc_blocks = nn.ModuleList(
+            [EncoderBlock(d_model, num_heads, mlp_ratio) for _ in range(enc_layers)])
+        self.enc_ln = nn.LayerNorm(d_model)
+        # V + 1 rows: row V is the start token, so that token 0 keeps its own meaning.
+        self.tok_embed = nn.Embedding(vocab_size + 1, d_model)
+        self.dec_blocks = nn.ModuleList(
+            [DecoderBlock(d_model, num_heads, mlp_ratio) for _ in range(dec_layers)])
+        self.dec_ln = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size)
+        self.register_buffer("patch_pos", sinusoidal_positions(P, d_model), persistent=False)
+        self.register_buffer("tok_pos", sinusoidal_positions(latent_len, d_model),
+                             persistent=False)
+        # Row t: which cache slots position t may attend to (slots <= t).
+        self.register_buffer("step_masks",
+                             torch.ones(latent_len, latent_len, dtype=torch.bool).tril(),
+                             persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.tok_embed.weight, std=1.0)
+
+    # -- the bidirectional part ----------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [N, C, H, W] -> patch encodings (the memory) [N, P, d]."""
+        h = self.patch_proj(self.patcher.patchify(x)) + self.patch_pos
+        for block in self.enc_blocks:
+            h = block(h)
+        return self.enc_ln(h)
+
+    def memory_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [block.cross_attn.memory_kv(memory) for block in self.dec_blocks]
+
+    # -- the causal part -----------------------------------------------------------------------
+
+    def teacher_forced(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Hidden states before the output layer, all positions at once.
+
+        Args:
+            memory: ``[N, P, d]`` from :meth:`encode`.
+            tokens: ``[N, K, L]`` int64, K sampled sequences per image.
+
+        Returns:
+            ``[N, K, L, d]``; ``self.head`` of it are the logits of each z_l given z_<l.
+        """
+        N, K, L = tokens.shape
+        flat = tokens.reshape(N * K, L)
+        start = flat.new_full((N * K, 1), self.vocab_size)
+        inp = torch.cat([start, flat[:, :-1]], dim=1)
+        h = self.tok_embed(inp) + self.tok_pos[:L]
+        for block, (mk, mv) in zip(self.dec_blocks, self.memory_kv(memory)):
+            h = block(h, mk, mv)
+        return self.dec_ln(h).view(N, K, L, self.d_model)
+
+    @torch.no_grad()
+    def sample(self, memory: torch.Tensor, num_samples: int, *,
+               generator: torch.Generator | None = None, temperature: float = 1.0,
+               sampler=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw K sequences per image autoregressively with a KV cache (no gradient).
+
+        Args:
+            memory: ``[N, P, d]``.
+            num_samples: K.
+            generator: the random stream (a checkpoint saves it, so a resumed run draws the
+                same tokens).
+            sampler: ``f(hidden [B, d], generator) -> (tokens [B], logp [B])``; the default
+                applies ``self.head`` and samples from its softmax at ``temperature``.
+
+        Returns:
+            ``tokens [N, K, L]`` int64 and ``logp [N, K, L]`` float32, the log-probability of
+            each drawn token under q (temperature 1), which equals the teacher-forced value.
+        """
+        N = memory.shape[0]
+        K, L, V = num_samples, self.latent_len, self.vocab_size
+        B = N * K
+        h_, dh = self.num_heads, self.d_model // self.num_heads
+        dtype = memory.dtype if not torch.is_autocast_enabled(memory.device.type) else (
+            torch.get_autocast_dtype(memory.device.type))
+        mem_kv = self.memory_kv(memory)
+        # Zeroed, not empty: masked slots must hold finite values (0 * NaN poisons SDPA).
+        caches = [(memory.new_zeros(B, h_, L, dh, dtype=dtype),
+                   memory.new_zeros(B, h_, L, dh, dtype=dtype)) for _ in self.dec_blocks]
+        tokens = torch.empty(B, L, dtype=torch.long, device=memory.device)
+        logp = torch.empty(B, L, dtype=torch.float32, device=memory.device)
+        prev = torch.full((B,), V, dtype=torch.long, device=memory.device)
+        if sampler is None:
+            sampler = self._default_sampler(temperature)
+        for t in range(L):
+            h = (self.tok_embed(prev) + self.tok_pos[t])[:, None, :]
+            mask = self.step_masks[t:t + 1]  # [1, L]: one query row
+            for block, (mk, mv), (kc, vc) in zip(self.dec_blocks, mem_kv, caches):
+                h = block.step(h, mk, mv, kc, vc, t, mask)
+            tok, lp = sampler(self.dec_ln(h[:, 0]), generator)
+            tokens[:, t] = tok
+            logp[:, t] = lp
+            prev = tok
+        return tokens.view(N, K, L), logp.view(N, K, L)
+
+    def _default_sampler(self, temperature: float):
+        def sample(hidden: torch.Tensor, generator: torch.Generator | None):
+            logits = self.head(hidden).float()
+            logq = torch.log_softmax(logits, dim=-1)
+            scaled = logq if temperature == 1.0 else torch.log_softmax(logits / temperature, -1)
+            # Gumbel-max: argmax(log p + G) ~ Categorical(p), one uniform draw per entry.
+            u = torch.rand(scaled.shape, device=scaled.device, generator=generator)
+            gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
+            tok = torch.argmax(scaled + gumbel, dim=-1)
+            return tok, logq.gather(-1, tok[:, None])[:, 0]
+        return sample

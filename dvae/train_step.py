@@ -1,0 +1,158 @@
+"""One DAPS training step (DESIGN.md §1), shared by the trainer and the benchmark API.
+
+    sample          K sequences per image from q_θ (KV cache, no gradient)
+    reward          decoder forward: log p_φ(x|z) for each sample
+    teacher_forced  causal pass over the samples: hidden states, log q, entropies
+    weights         η (learned or solved), DAPS weights and ESS
+    losses          encoder, decoder and η losses; backward
+    optimizer       non-finite check, adaptive clipping, AdamW steps
+
+The step never reads a device value back to the host; its metrics are tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+import dvae_kernels
+
+from . import daps, optim
+from .profiling import Phases
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The DAPSAutoencoder inside DDP and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+class DAPSTrainStep:
+    """Callable ``step(x, step_index) -> metrics`` (0-d tensors).
+
+    Args:
+        model: a :class:`dvae.models.DAPSAutoencoder`, possibly wrapped by DDP (its forward is
+            the differentiable part) and/or ``torch.compile``.
+        cfg: the run's :class:`dvae.config.Config`.
+        generator: the sampling random stream (checkpointed).
+        phases: NVTX ranges and optional timers.
+    """
+
+    def __init__(self, model: nn.Module, cfg, *, generator: torch.Generator | None = None,
+                 phases: Phases | None = None, distributed: bool = False):
+        self.model = model
+        self.raw = unwrap(model)
+        self.cfg = cfg
+        self.generator = generator
+        device = next(self.raw.parameters()).device
+        self.device = device
+        self.phases = phases or Phases(False, device)
+        self.distributed = distributed
+        net_params = [p for n, p in self.raw.named_parameters() if n != "log_eta"]
+        self.net_params = net_params
+        self.optimizer = optim.make_adamw(net_params, cfg.lr, cfg.weight_decay)
+        self.eta_optimizer = (optim.make_adamw([self.raw.log_eta], cfg.eta_lr, cfg.weight_decay)
+                              if cfg.eta_mode == "learned" else None)
+        clip_dims = optim.unit_reduce_dims(self.raw)
+        self.clip_dims = {p: clip_dims[p] for p in net_params}
+        self.skipped = torch.zeros((), dtype=torch.float32, device=device)
+        self.use_amp = cfg.amp and device.type == "cuda"
+
+    def autocast(self):
+        if self.use_amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def beta(self, step: int) -> float:
+        return daps.beta_at(step, self.cfg.steps, self.cfg.beta_start, self.cfg.beta_end)
+
+    def sampler(self):
+        """The per-position sampler the KV-cache loop calls; dvae_kernels' fused one when
+        present."""
+        head = self.raw.encoder.head
+        backend = self.cfg.kernel_backend
+        fused_linear = getattr(dvae_kernels, "linear_sample_tokens", None)
+        fused = getattr(dvae_kernels, "sample_tokens", None)
+        if fused_linear is not None:
+            return lambda h, g: fused_linear(h, head.weight, head.bias, generator=g,
+                                             backend=backend)
+        if fused is not None:
+            return lambda h, g: fused(head(h), generator=g, backend=backend)
+        return None  # the encoder's own Gumbel-max sampler
+
+    def __call__(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        cfg, raw, ph = self.cfg, self.raw, self.phases
+        K = cfg.num_samples
+        beta = self.beta(step)
+        backend = cfg.kernel_backend
+        raw.train()
+        with ph("sample"), self.autocast():
+            tokens, _ = raw.sample(x, K, generator=self.generator, sampler=self.sampler())
+        # reward and teacher_forced are timed inside the model's forward (one DDP forward)
+        with self.autocast():
+            out = self.model(x, tokens, phases=ph)
+        logpx, hidden = out["logpx"], out["hidden"]
+        head = raw.encoder.head
+        with ph("teacher_forced"):
+            fused = getattr(dvae_kernels, "linear_token_logprobs", None)
+            with self.autocast():
+                logits = head(hidden) if fused is None else None
+            logp_tok, entropy = daps.token_stats(hidden, head, tokens, logits=logits,
+                                                 backend=backend)
+            logq = logp_tok.sum(-1)
+        with ph("weights"):
+            rewards = logpx.detach().float()
+            eta = daps.eta_for_step(out["log_eta"], rewards, logq, beta, cfg.ess_target,
+                                    cfg.eta_mode, backend=backend)
+            weights, ess = dvae_kernels.daps_weights(rewards, logq, beta, eta, backend=backend)
+        with ph("losses"):
+            l_enc = daps.encoder_loss(hidden, head, tokens, weights, logits=logits,
+                                      backend=backend)
+            l_dec = daps.decoder_loss(logpx)
+            loss = l_enc + l_dec
+            if cfg.eta_mode == "learned":
+                l_eta = daps.eta_loss(ess, cfg.ess_target, K)
+                loss = loss + l_eta
+            else:
+                l_eta = loss.new_zeros(())
+            loss.backward()
+        with ph("optimizer"):
+            params = self.net_params + ([raw.log_eta] if self.eta_optimizer else [])
+            found_inf = optim.nonfinite_flag(params, loss)
+            if self.distributed:
+                torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
+            if cfg.clip > 0:
+                optim.adaptive_clip_(self.clip_dims, cfg.clip)
+            optim.step_unless_nonfinite(self.optimizer, found_inf)
+            if self.eta_optimizer is not None:
+                optim.step_unless_nonfinite(self.eta_optimizer, found_inf)
+            else:
+                with torch.no_grad():
+                    raw.log_eta.copy_(eta.detach().log().to(raw.log_eta.dtype))
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.eta_optimizer is not None:
+                self.eta_optimizer.zero_grad(set_to_none=True)
+            self.skipped += found_inf
+        with torch.no_grad():
+            elbo = daps.beta_elbo(rewards, entropy, raw.vocab_size, cfg.beta_end)
+            return {
+                "loss": loss.detach(),
+                "encoder_loss": l_enc.detach(),
+                "decoder_loss": l_dec.detach(),
+                "eta_loss": l_eta.detach(),
+                "beta_elbo": elbo.mean(),
+                "log_px": rewards.mean(),
+                "logq": logq.mean(),
+                "entropy": entropy.sum(-1).mean(),
+                "ess_frac": ess.mean() / K,
+                "eta": eta.detach().float(),
+                "beta": torch.tensor(beta),
+                "skipped": found_inf,
+            }
