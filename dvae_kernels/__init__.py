@@ -28,3 +28,5 @@ __all__ = [
     "token_logprobs",
     "weighted_token_nll",
 ]
+
+from . import _native  # noqa: F401,E402  (registers the cpu/cuda backends into the ops)

@@ -1,0 +1,77 @@
+"""The ``cpu`` and ``cuda`` backends: the C++/CUDA kernels of csrc/, added to each op's table.
+
+Both backends call the same registered ops (``torch.ops.dvae_kernels_C.*``, schemas in
+csrc/ops.cpp); PyTorch's dispatcher picks the CPU or CUDA kernel from the inputs' device. The
+entries are registered whether or not the extension loaded: the dispatcher asks
+:func:`dvae_kernels._csrc.unavailable` first, so a missing build is reported with its reason.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _csrc
+from .daps_weights import register_backend as _register_daps_weights
+from .solve_eta import register_backend as _register_solve_eta
+from .token_logprobs import register_backend as _register_token_logprobs
+from .weighted_token_nll import register_backend as _register_weighted_token_nll
+
+_NATIVE = ("cpu", "cuda")
+
+
+def _refuse_float64(name: str, t: torch.Tensor) -> str | None:
+    if t.dtype == torch.float64:
+        return (f"float64 {name} are served by the torch backend only (the C++/CUDA kernels "
+                "compute in float32)")
+    return None
+
+
+# ----------------------------------------------------------------------------- token_logprobs
+
+
+def _token_logprobs_forward(logits, tokens):
+    return _csrc.ops().token_logprobs_fwd(logits, tokens)
+
+
+def _token_logprobs_backward(grad_logp, grad_entropy, logits, tokens, lse, entropy):
+    return _csrc.ops().token_logprobs_bwd(grad_logp, grad_entropy, logits, tokens, lse,
+                                          entropy)
+
+
+def _token_logprobs_supports(logits, tokens) -> str | None:
+    return _refuse_float64("logits", logits)
+
+
+# ------------------------------------------------------------------------- weighted_token_nll
+
+
+def _weighted_token_nll_forward(logits, tokens, weights, compute_grad: bool):
+    return _csrc.ops().weighted_token_nll_fwd(logits, tokens, weights, compute_grad)
+
+
+def _weighted_token_nll_supports(logits, tokens, weights) -> str | None:
+    return _refuse_float64("logits", logits)
+
+
+# ------------------------------------------------------------------------ daps_weights, eta
+
+
+def _daps_weights_forward(rewards, logq, beta, eta):
+    return _csrc.ops().daps_weights_fwd(rewards, logq, beta, eta)
+
+
+def _solve_eta_forward(rewards, logq, beta, ess_target: float, eta_min: float, eta_max: float):
+    return _csrc.ops().solve_eta(rewards, logq, beta, ess_target, eta_min, eta_max)
+
+
+def _rewards_supports(rewards, logq) -> str | None:
+    return _refuse_float64("rewards", rewards)
+
+
+for _name in _NATIVE:
+    _register_token_logprobs(_name, _token_logprobs_forward, _token_logprobs_backward,
+                             _token_logprobs_supports)
+    _register_weighted_token_nll(_name, _weighted_token_nll_forward,
+                                 _weighted_token_nll_supports)
+    _register_daps_weights(_name, _daps_weights_forward, _rewards_supports)
+    _register_solve_eta(_name, _solve_eta_forward, _rewards_supports)
