@@ -43,6 +43,8 @@ def backend_unavailable(name: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot run on ``device`` at all, or None if it can."""
     if name == "torch":
         return None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
     if name == "triton":
         return _triton.unavailable(device)
     if name in ("cpu", "cuda"):

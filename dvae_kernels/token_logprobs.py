@@ -40,6 +40,7 @@ def _torch_forward(logits: torch.Tensor, tokens: torch.Tensor):
     x = logits.to(_acc_dtype(logits.dtype))
     V = x.shape[-1]
     lse = torch.logsumexp(x, dim=-1)
+    lse = torch.where(lse == float("inf"), float("nan"), lse)  # +inf logits: NaN, as log_softmax
     shifted = x - lse[:, None]
     p = shifted.exp()
     entropy = -torch.where(p == 0, 0.0, p * shifted).sum(-1)
@@ -255,9 +256,14 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, grad_logp, grad_lse, grad_entropy):
     logits, tokens, lse, entropy = ctx.saved_tensors
-    if grad_lse is not None:  # lse is internal to the public function
-        raise RuntimeError("dvae_kernels::token_logprobs: lse is not differentiable")
+    if grad_logp is None and grad_entropy is None and grad_lse is None:
+        return None, None, None
     grad = _backward_op(grad_logp, grad_entropy, logits, tokens, lse, entropy, ctx.backend)
+    if grad_lse is not None:
+        # lse is internal to the public function; d lse/dx = softmax(x). Kept exact (not a
+        # kernel path) so that the registered op's autograd is complete.
+        p = (logits.to(lse.dtype) - lse[:, None]).exp()
+        grad = (grad + grad_lse[:, None] * p).to(logits.dtype)
     return grad, None, None
 
 

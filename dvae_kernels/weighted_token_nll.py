@@ -32,6 +32,7 @@ def _torch_forward(logits, tokens, weights, compute_grad: bool):
     V = x.shape[-1]
     w = weights.to(x.dtype)
     lse = torch.logsumexp(x, dim=-1)
+    lse = torch.where(lse == float("inf"), float("nan"), lse)  # +inf logits: NaN, as log_softmax
     valid = (tokens >= 0) & (tokens < V)
     idx = torch.where(valid, tokens, 0).long()
     logp = torch.where(valid, x.gather(-1, idx[:, None])[:, 0] - lse, float("nan"))
