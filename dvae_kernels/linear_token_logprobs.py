@@ -506,3 +506,41 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
     if return_entropy:
         return logp.view(lead), entropy.view(lead)
     return logp.view(lead)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU compile check entries (python -m dvae_kernels._compile_check). Each constexpr branch a
+# launcher can take appears at least once, across the input dtypes; BLOCK_D 16 is the smallest
+# tile (D <= 16). Few entries: a tl.dot kernel takes seconds to compile on the CI machine.
+# ---------------------------------------------------------------------------------------------
+
+COMPILE_CHECK = []
+if HAS_TRITON:
+    _C = "constexpr"
+    _LINEAR_ARGS = {"N": "i32", "V": "i32", "D": "i32", "stride_hn": "i32",
+                    "stride_hd": "i32", "stride_wv": "i32", "stride_wd": "i32"}
+
+    def _consts(bias, bd, prec, **extra):
+        return {"HAS_BIAS": bias, "BLOCK_N": BLOCK_N, "BLOCK_V": BLOCK_V, "BLOCK_D": bd,
+                "DOT_FP32": False, "PRECISION": prec, **extra}
+
+    for _dt, _prec, _bias, _bd in (("fp32", "ieee", True, MAX_BLOCK_D),
+                                   ("fp32", "tf32", False, MAX_BLOCK_D),
+                                   ("bf16", "tf32", True, 16),
+                                   ("fp16", "tf32", False, MAX_BLOCK_D)):
+        _k = _consts(_bias, _bd, _prec)
+        COMPILE_CHECK.append((
+            _linear_token_logprobs_fwd_kernel,
+            {"h_ptr": f"*{_dt}", "w_ptr": f"*{_dt}", "b_ptr": f"*{_dt}", "tokens_ptr": "*i64",
+             "logp_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", **_LINEAR_ARGS,
+             **dict.fromkeys(_k, _C)}, _k))
+    for _dt, _prec, _bias, _bd, _lp, _h in (("bf16", "tf32", True, MAX_BLOCK_D, True, True),
+                                            ("fp32", "ieee", False, MAX_BLOCK_D, True, False),
+                                            ("fp16", "tf32", True, 16, False, True)):
+        _k = _consts(_bias, _bd, _prec, HAS_GLOGP=_lp, HAS_GENT=_h)
+        COMPILE_CHECK.append((
+            _linear_token_logprobs_bwd_kernel,
+            {"glogp_ptr": "*fp32", "gent_ptr": "*fp32", "h_ptr": f"*{_dt}", "w_ptr": f"*{_dt}",
+             "b_ptr": f"*{_dt}", "tokens_ptr": "*i32", "lse_ptr": "*fp32", "ent_ptr": "*fp32",
+             "gh_ptr": "*fp32", "gw_ptr": "*fp32", "gb_ptr": "*fp32", **_LINEAR_ARGS,
+             **dict.fromkeys(_k, _C)}, _k))
