@@ -698,7 +698,8 @@ def providers_for(spec: OpSpec, device: torch.device, compile_reference: bool = 
     if compile_reference:
         # The plain-PyTorch reference, not the torch backend: the backend sits behind an opaque
         # custom op, so compiling it would fuse nothing.
-        compiled = torch.compile(functools.partial(spec.call, spec.reference))
+        # dynamic=False: one kernel specialised per shape, as a fixed-shape training loop gets.
+        compiled = torch.compile(functools.partial(spec.call, spec.reference), dynamic=False)
         out.append(Provider("torch.compile", compiled))
     out.extend(spec.external(device))
     return out
@@ -1164,8 +1165,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    saved = os.environ.get("DVAE_KERNELS_CHECK_VALUES")
     if not args.check_values:
         os.environ["DVAE_KERNELS_CHECK_VALUES"] = "0"
+    try:
+        return _main(args, argv)
+    finally:  # main() may run inside another program (the tests): leave its environment be
+        if saved is None:
+            os.environ.pop("DVAE_KERNELS_CHECK_VALUES", None)
+        else:
+            os.environ["DVAE_KERNELS_CHECK_VALUES"] = saved
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if args.threads is not None:
         if args.threads < 1:
             print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
@@ -1205,7 +1217,18 @@ def main(argv: Sequence[str] | None = None) -> int:
               "rows": []}
     print(f"benchmarking {', '.join(s.name for s in specs) or 'nothing'} on {device} "
           f"({report['machine']['name']}), sets {', '.join(set_names)}", flush=True)
+    # Each shape and grad mode is one more compiled graph of the same function; the default
+    # limit (8) would silently send the rest to eager.
+    for attr in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, attr):
+            setattr(torch._dynamo.config, attr, max(64, getattr(torch._dynamo.config, attr)))
+    load = report["machine"].get("loadavg")
+    if load and device.type == "cpu" and load[0] > (os.cpu_count() or 1) - 0.5:
+        print(f"note: the machine is busy (load average {load[0]:.2f} on {os.cpu_count()} "
+              f"cores): CPU figures are noisy; --threads 1 avoids waiting on descheduled "
+              f"threads")
     for spec in specs:
+        torch._dynamo.reset()  # the previous op's compiled graphs are no longer needed
         provs = providers_for(spec, device, compile_reference=not args.no_compile)
         if args.providers:
             provs = [p for p in provs if p.name in args.providers
