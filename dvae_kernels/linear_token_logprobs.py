@@ -100,8 +100,8 @@ def _torch_forward(hidden, weight, tokens, bias):
     return logp, lse, ent
 
 
-def _dlogits(x, tok, lse, entropy, grad_logp, grad_entropy):
-    """d(Σ g_logp·logp + g_entropy·entropy) / d logits for one chunk [C, V]."""
+def _dlogits(x, tok, lse, entropy, grad_logp, grad_lse, grad_entropy):
+    """d(Σ g_logp·logp + g_lse·lse + g_entropy·entropy) / d logits for one chunk [C, V]."""
     shifted = x - lse[:, None]
     p = shifted.exp()
     grad = torch.zeros_like(x)
@@ -112,13 +112,16 @@ def _dlogits(x, tok, lse, entropy, grad_logp, grad_entropy):
         onehot.scatter_(-1, torch.where(valid, tok, 0).long()[:, None],
                         valid[:, None].to(x.dtype))
         grad = grad + grad_logp[:, None].to(x.dtype) * (onehot - p)
+    if grad_lse is not None:
+        grad = grad + grad_lse[:, None].to(x.dtype) * p
     if grad_entropy is not None:
         term = torch.where(p == 0, 0.0, p * (shifted + entropy[:, None]))
         grad = grad - grad_entropy[:, None].to(x.dtype) * term
     return grad
 
 
-def _torch_backward(grad_logp, grad_entropy, hidden, weight, tokens, bias, lse, entropy):
+def _torch_backward(grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, bias, lse,
+                    entropy):
     N, D = hidden.shape
     V = weight.shape[0]
     with torch.autocast(hidden.device.type, enabled=False):
@@ -133,6 +136,7 @@ def _torch_backward(grad_logp, grad_entropy, hidden, weight, tokens, bias, lse, 
             x = _torch_logits(h, w, b)
             g = _dlogits(x, tokens[sl], lse[sl], entropy[sl],
                          grad_logp[sl] if grad_logp is not None else None,
+                         grad_lse[sl] if grad_lse is not None else None,
                          grad_entropy[sl] if grad_entropy is not None else None)
             grad_hidden[sl] = (g @ w).to(hidden.dtype)
             grad_w.addmm_(g.t(), h)
@@ -221,10 +225,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _linear_token_logprobs_bwd_kernel(
-        glogp_ptr, gent_ptr, h_ptr, w_ptr, b_ptr, tokens_ptr, lse_ptr, ent_ptr,
+        glogp_ptr, glse_ptr, gent_ptr, h_ptr, w_ptr, b_ptr, tokens_ptr, lse_ptr, ent_ptr,
         gh_ptr, gw_ptr, gb_ptr,
         N, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
-        HAS_BIAS: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GLSE: tl.constexpr,
+        HAS_GENT: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     ):
@@ -244,6 +249,9 @@ if HAS_TRITON:
             tok = tl.load(tokens_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
             onehot = (cols[None, :] == tok[:, None]).to(tl.float32)
             g += g_lp[:, None] * (onehot - p)
+        if HAS_GLSE:  # lse is internal to the public function; kept so the op's autograd is whole
+            g_l = tl.load(glse_ptr + rows, mask=row_ok, other=0.0)
+            g += g_l[:, None] * p
         if HAS_GENT:
             g_h = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
             ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
@@ -309,25 +317,28 @@ def _triton_forward(hidden, weight, tokens, bias):
     return logp, lse, ent
 
 
-def _triton_backward(grad_logp, grad_entropy, hidden, weight, tokens, bias, lse, entropy):
+def _triton_backward(grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, bias, lse,
+                     entropy):
     N, D = hidden.shape
     V = weight.shape[0]
     # fp32 accumulation buffers for the atomics: O(N·D + V·D), never O(N·V).
     gh = torch.zeros((N, D), dtype=torch.float32, device=hidden.device)
     gw = torch.zeros((V, D), dtype=torch.float32, device=hidden.device)
     gb = torch.zeros((V,), dtype=torch.float32, device=hidden.device)
-    if N > 0 and V > 0 and (grad_logp is not None or grad_entropy is not None):
+    if N > 0 and V > 0 and not (grad_logp is None and grad_lse is None
+                                and grad_entropy is None):
         dot_fp32, precision = _dot_config(hidden.dtype)
         dummy = lse  # never read when the matching HAS_ flag is off
         grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(V, BLOCK_V))
         _linear_token_logprobs_bwd_kernel[grid](
             grad_logp.contiguous() if grad_logp is not None else dummy,
+            grad_lse.contiguous() if grad_lse is not None else dummy,
             grad_entropy.contiguous() if grad_entropy is not None else dummy,
             hidden, weight, bias if bias is not None else weight, tokens, lse, entropy,
             gh, gw, gb,
             N, V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             HAS_BIAS=bias is not None, HAS_GLOGP=grad_logp is not None,
-            HAS_GENT=grad_entropy is not None,
+            HAS_GLSE=grad_lse is not None, HAS_GENT=grad_entropy is not None,
             BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=_block_d(D),
             DOT_FP32=dot_fp32, PRECISION=precision, num_warps=4,
         )
@@ -377,16 +388,17 @@ def _(hidden, weight, tokens, bias, backend):
 
 
 @torch.library.custom_op("dvae_kernels::linear_token_logprobs_backward", mutates_args=())
-def _backward_op(grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
-                 hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
+def _backward_op(grad_logp: Optional[torch.Tensor], grad_lse: Optional[torch.Tensor],
+                 grad_entropy: Optional[torch.Tensor], hidden: torch.Tensor,
+                 weight: torch.Tensor, tokens: torch.Tensor,
                  bias: Optional[torch.Tensor], lse: torch.Tensor, entropy: torch.Tensor,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _BACKWARD[backend](grad_logp, grad_entropy, hidden, weight, tokens, bias, lse,
-                              entropy)
+    return _BACKWARD[backend](grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, bias,
+                              lse, entropy)
 
 
 @_backward_op.register_fake
-def _(grad_logp, grad_entropy, hidden, weight, tokens, bias, lse, entropy, backend):
+def _(grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, bias, lse, entropy, backend):
     bias_dtype = bias.dtype if bias is not None else weight.dtype
     return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
             torch.empty_like(weight, memory_format=torch.contiguous_format),
@@ -404,9 +416,7 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, grad_logp, grad_lse, grad_entropy):
     hidden, weight, tokens, bias, lse, entropy = ctx.saved_tensors
-    if grad_lse is not None:  # lse is internal to the public function
-        raise RuntimeError("dvae_kernels::linear_token_logprobs: lse is not differentiable")
-    gh, gw, gb = _backward_op(grad_logp, grad_entropy, hidden, weight, tokens, bias, lse,
+    gh, gw, gb = _backward_op(grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, bias, lse,
                               entropy, ctx.backend)
     return gh, gw, None, (gb if ctx.has_bias else None), None
 
@@ -534,13 +544,14 @@ if HAS_TRITON:
             {"h_ptr": f"*{_dt}", "w_ptr": f"*{_dt}", "b_ptr": f"*{_dt}", "tokens_ptr": "*i64",
              "logp_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", **_LINEAR_ARGS,
              **dict.fromkeys(_k, _C)}, _k))
-    for _dt, _prec, _bias, _bd, _lp, _h in (("bf16", "tf32", True, MAX_BLOCK_D, True, True),
-                                            ("fp32", "ieee", False, MAX_BLOCK_D, True, False),
-                                            ("fp16", "tf32", True, 16, False, True)):
-        _k = _consts(_bias, _bd, _prec, HAS_GLOGP=_lp, HAS_GENT=_h)
+    for _dt, _prec, _bias, _bd, _lp, _l, _h in (
+            ("bf16", "tf32", True, MAX_BLOCK_D, True, False, True),
+            ("fp32", "ieee", False, MAX_BLOCK_D, True, True, False),
+            ("fp16", "tf32", True, 16, False, False, True)):
+        _k = _consts(_bias, _bd, _prec, HAS_GLOGP=_lp, HAS_GLSE=_l, HAS_GENT=_h)
         COMPILE_CHECK.append((
             _linear_token_logprobs_bwd_kernel,
-            {"glogp_ptr": "*fp32", "gent_ptr": "*fp32", "h_ptr": f"*{_dt}", "w_ptr": f"*{_dt}",
-             "b_ptr": f"*{_dt}", "tokens_ptr": "*i32", "lse_ptr": "*fp32", "ent_ptr": "*fp32",
-             "gh_ptr": "*fp32", "gw_ptr": "*fp32", "gb_ptr": "*fp32", **_LINEAR_ARGS,
-             **dict.fromkeys(_k, _C)}, _k))
+            {"glogp_ptr": "*fp32", "glse_ptr": "*fp32", "gent_ptr": "*fp32", "h_ptr": f"*{_dt}",
+             "w_ptr": f"*{_dt}", "b_ptr": f"*{_dt}", "tokens_ptr": "*i32", "lse_ptr": "*fp32",
+             "ent_ptr": "*fp32", "gh_ptr": "*fp32", "gw_ptr": "*fp32", "gb_ptr": "*fp32",
+             **_LINEAR_ARGS, **dict.fromkeys(_k, _C)}, _k))
