@@ -1,0 +1,166 @@
+"""The benchmark harness (bench/): the GPU report's dry run, a --quick run on tiny shapes with
+torch.compile, validation before timing, and the regression check's logic and exit codes.
+
+These check that the benchmarks run and report honestly, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import e2e, harness
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_gpu_report_dry_run(tmp_path):
+    """The GPU machine's one command, end to end on the CPU at tiny sizes."""
+    out = tmp_path / "report"
+    proc = _run(["-m", "bench.gpu_report", "--dry-run", "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    parts = {p["name"]: p for p in summary["parts"]}
+    assert {"info", "tests_gpu", "tests_cuda", "micro", "e2e"} <= set(parts)
+    assert parts["micro"]["status"] == "passed" and parts["e2e"]["status"] == "passed"
+    micro = json.loads((out / "micro" / "results.json").read_text())
+    timed = {(r["op"], r["provider"]) for r in micro["rows"] if r["status"] == "ok"}
+    # Every op dvae_kernels has was timed through its torch backend.
+    for spec in harness.SPECS:
+        if spec.available():
+            assert (spec.name, "torch") in timed
+    e2e_rows = json.loads((out / "e2e" / "e2e.json").read_text())["rows"]
+    assert {r["provider"] for r in e2e_rows} == {"torch", "fused"}
+    assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in e2e_rows)
+    assert "GPU report" in (out / "summary.md").read_text()
+
+
+def test_quick_tiny_with_compile(tmp_path):
+    """`python -m bench --quick` writes JSON, CSV (with the machine) and the plot; torch.compile
+    of the reference is timed; interpreted Triton never is."""
+    out = tmp_path / "quick"
+    proc = _run(["-m", "bench", "--quick", "--sets", "tiny", "--ops", "token_logprobs",
+                 "--budget", "0.05", "--threads", "1", "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads((out / "results.json").read_text())
+    assert report["machine"]["name"] and report["machine"]["torch"] == torch.__version__
+    assert report["roofline"]["copy_GBps"] > 0 and report["roofline"]["matmul_TFLOPs"] > 0
+    rows = {(r["shape"], r["mode"], r["provider"]): r for r in report["rows"]}
+    for shape in ("R=64,V=256", "R=16,V=1000"):
+        for mode in ("fwd", "fwd+bwd"):
+            for prov in ("torch", "torch.compile"):
+                r = rows[(shape, mode, prov)]
+                assert r["status"] == "ok", r
+                assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+                assert r["GBps"] > 0 and r["roofline_frac"] > 0
+            assert rows[(shape, mode, "triton")]["status"].startswith("unavailable")
+    with (out / "results.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(report["rows"])
+    assert csv_rows[0]["machine_name"] == report["machine"]["name"]
+    assert csv_rows[0]["machine_date"] == report["machine"]["date"]
+    assert (out / "throughput_vs_V.png").read_bytes()[:4] == b"\x89PNG"
+    assert "token_logprobs [fwd+bwd]" in proc.stdout and "median ms" in proc.stdout
+
+
+def test_wrong_provider_is_not_timed():
+    """A provider whose output disagrees with the torch backend is reported, not timed."""
+    spec = harness.TOKEN_LOGPROBS
+    case = harness.Case("tiny", {"R": 8, "V": 16})
+    good = harness.providers_for(spec, torch.device("cpu"), compile_reference=False)[0]
+    assert good.name == "torch"
+    # Differentiable, so that the forward+backward mode reaches the comparison too.
+    bad = harness.Provider("bad", lambda i: 0 * i["logits"][:, 0].float())
+    roofline = {"copy_GBps": 1.0, "matmul_TFLOPs": 1.0}
+    settings = harness.Settings(budget_s=0.01, min_reps=2, max_reps=3, warmup=1)
+    for mode in ("fwd", "fwd+bwd"):
+        rows = {r["provider"]: r for r in harness.run_case(
+            spec, case, "t", mode, [good, bad], torch.device("cpu"), settings, roofline)}
+        assert rows["torch"]["status"] == "ok" and rows["torch"]["samples"] >= 2
+        assert rows["bad"]["status"].startswith("mismatch"), rows["bad"]
+        assert "median_ms" not in rows["bad"]
+
+
+def _report(rows: list[tuple[str, float | None]], machine: str = "m") -> dict:
+    return {"machine": {"name": machine},
+            "rows": [{"op": "op", "mode": "fwd", "shape": "R=1", "dtype": "float32",
+                      "provider": p, "median_ms": t} for p, t in rows]}
+
+
+def test_compare_logic():
+    base = _report([("torch", 1.0), ("cpu", 2.0), ("liger", None)])
+    same = harness.compare(base, _report([("torch", 1.1), ("cpu", 2.0)]), tolerance=0.15)
+    assert len(same.compared) == 2 and not same.regressions and same.exit_code == 0
+    slower = harness.compare(base, _report([("torch", 1.2), ("cpu", 1.0)]), tolerance=0.15)
+    assert [k[-1] for k, _, _ in slower.regressions] == ["torch"] and slower.exit_code == 1
+    # A row without a timing on either side is not compared; nothing compared is its own code.
+    none = harness.compare(base, _report([("liger", 1.0), ("cuda", 1.0)]))
+    assert not none.compared and none.exit_code == 2
+    text = harness.format_comparison(none, 0.15, "base.json")
+    assert "nothing was compared" in text
+    other = harness.compare(base, _report([("torch", 1.0)], machine="other"))
+    assert "not comparable" in harness.format_comparison(other, 0.15, "base.json")
+    with pytest.raises(ValueError, match="tolerance"):
+        harness.compare(base, base, tolerance=-0.1)
+
+
+def test_compare_cli_exit_codes(tmp_path, capsys):
+    """--compare: 0 against a much slower baseline, 1 against a much faster one, 2 when nothing
+    matches. (Baselines scaled by 1000x, so a busy machine cannot flip the outcome.)"""
+    args = ["--ops", "daps_weights", "--sets", "tiny", "--no-compile", "--budget", "0.01",
+            "--no-plot", "--providers", "torch"]
+    out = tmp_path / "run"
+    assert harness.main(args + ["--out", str(out)]) == 0
+    results = out / "results.json"
+
+    def scaled(factor):
+        report = json.loads(results.read_text())
+        for r in report["rows"]:
+            if r.get("median_ms"):
+                r["median_ms"] *= factor
+        return report
+
+    (tmp_path / "slower.json").write_text(json.dumps(scaled(1000)))
+    assert harness.main(args + ["--out", str(tmp_path / "r0"), "--compare",
+                                str(tmp_path / "slower.json")]) == 0
+    assert "1 compared, 0 regressed" in capsys.readouterr().out
+    faster = scaled(1 / 1000)
+    (tmp_path / "faster").mkdir()
+    (tmp_path / "faster" / "baseline.json").write_text(json.dumps(faster))
+    assert harness.main(args + ["--out", str(tmp_path / "r1"), "--compare",
+                                str(tmp_path / "faster")]) == 1
+    assert "REGRESSION" in capsys.readouterr().out
+    unrelated = copy.deepcopy(faster)
+    for r in unrelated["rows"]:
+        r["shape"] = "N=1,K=1"
+    (tmp_path / "unrelated.json").write_text(json.dumps(unrelated))
+    assert harness.main(args + ["--out", str(tmp_path / "r2"), "--compare",
+                                str(tmp_path / "unrelated.json")]) == 2
+    assert "nothing was compared" in capsys.readouterr().out
+
+
+def test_e2e_says_when_the_training_module_is_missing(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "dvae.bench_api", None)
+    assert e2e.main(["--dry-run"]) == 3
+    err = capsys.readouterr().err
+    assert "training module" in err and "dvae.bench_api" in err
+
+
+def test_bad_arguments():
+    assert harness.main(["--ops", "no_such_op", "--out", "/nonexistent"]) == 2
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--cases", "mnist"])  # PRESET:BATCH expected
