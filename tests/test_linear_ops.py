@@ -156,7 +156,10 @@ def test_autocast_runs_in_half_precision_and_reaches_fp32_params():
 
 def test_torch_backend_chunks(monkeypatch):
     # Force many chunks (3 rows each) and compare with one chunk: same values, same grads.
-    import dvae_kernels.linear_token_logprobs as mod
+    import importlib
+
+    # (the package namespace binds the name to the function; the module holds the constant)
+    mod = importlib.import_module("dvae_kernels.linear_token_logprobs")
 
     hidden, weight, b, tokens = _inputs((10,), 8, 16, torch.float32)
     whole = _run(lambda h, w, b_, t: linear_token_logprobs(h, w, t, b_, return_entropy=True,
