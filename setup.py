@@ -87,6 +87,8 @@ def _plan():
     if not glob.glob(os.path.join(HERE, CSRC, "ops.cpp")):
         record["skipped"]["all"] = "no csrc/ sources in this source tree"
         return [], {}, record
+    # Before torch.utils.cpp_extension is imported: it reads CUDA_HOME once, at import.
+    nvcc = _find_nvcc() if want_cuda is not False else None
     try:
         import torch
         from torch.utils import cpp_extension
@@ -108,7 +110,6 @@ def _plan():
 
     build_cpu = want_cpu is not False
     build_cuda = want_cuda
-    nvcc = _find_nvcc() if want_cuda is not False else None
     if want_cuda is None:
         build_cuda = nvcc is not None and torch.version.cuda is not None
         if nvcc is None:
@@ -128,7 +129,8 @@ def _plan():
         record["skipped"]["cpu"] = "DVAE_KERNELS_BUILD_CPU=0"
 
     # -g0: Python's CFLAGS carry -g (a 15 MB library instead of a few hundred KB).
-    cxx = ["-O3", "-g0", "-fopenmp"]
+    # -Wno-unknown-pragmas: torch's at::vec headers carry `#pragma unroll`, unknown to gcc.
+    cxx = ["-O3", "-g0", "-fopenmp", "-Wno-unknown-pragmas"]
     if platform.machine() in ("x86_64", "AMD64"):
         # at::vec vectorises only with a CPU_CAPABILITY; AVX2+FMA+F16C is the common baseline.
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
@@ -153,7 +155,8 @@ def _plan():
                         + sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu"))))
         ext_modules.append(cpp_extension.CUDAExtension(
             "dvae_kernels._C_cuda", cuda_sources, include_dirs=include,
-            extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3", "-lineinfo"]}))
+            extra_compile_args={"cxx": ["-O3", "-g0", "-Wno-unknown-pragmas"],
+                                "nvcc": ["-O3", "-lineinfo"]}))
         record["parts"].append("cuda")
     record["max_jobs"] = os.environ.get("MAX_JOBS")
 
