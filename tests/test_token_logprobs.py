@@ -2,14 +2,13 @@
 
 import pytest
 import torch
-from utils import DTYPES, assert_close_to_reference
+from utils import DEVICE, DTYPES, assert_close_to_reference, available_backends
 
 import dvae_kernels as dk
-from dvae_kernels._dispatch import backend_unavailable
 
-CPU = torch.device("cpu")
-# Every backend that runs on CPU tensors here: torch, Triton (interpreter), cpu (if built).
-BACKENDS = [b for b in dk.BACKENDS if backend_unavailable(b, CPU) is None]
+# Every backend that runs on the test device: on the CPU, torch, Triton (interpreter) and cpu
+# (if built); on CUDA (DVAE_TEST_DEVICE=cuda), torch, triton and cuda.
+BACKENDS = available_backends()
 KERNELS = [b for b in BACKENDS if b != "torch"]
 
 
@@ -24,19 +23,20 @@ def reference(logits, tokens):
 
 def check(logits, tokens, backend, dtype, grads=True):
     """Forward and backward of ``backend`` vs float64, tolerance relative to torch's error."""
-    x = logits.to(dtype)
+    x = logits.to(device=DEVICE, dtype=dtype)
+    tokens_d = tokens.to(DEVICE)
     outs = {}
     for name in {backend, "torch"}:
         xi = x.detach().clone().requires_grad_(grads)
-        logp, ent = dk.token_logprobs(xi, tokens, return_entropy=True, backend=name)
+        logp, ent = dk.token_logprobs(xi, tokens_d, return_entropy=True, backend=name)
         assert logp.dtype == ent.dtype == torch.float32
         assert logp.shape == ent.shape == tokens.shape
         if grads:
             g1 = torch.randn(logp.shape, generator=torch.Generator().manual_seed(1))
             g2 = torch.randn(logp.shape, generator=torch.Generator().manual_seed(2))
-            (logp.nan_to_num() * g1 + ent.nan_to_num() * g2).sum().backward()
+            (logp.nan_to_num() * g1.to(DEVICE) + ent.nan_to_num() * g2.to(DEVICE)).sum().backward()
         outs[name] = (logp, ent, xi.grad)
-    x64 = x.detach().double().requires_grad_(grads)
+    x64 = x.detach().double().cpu().requires_grad_(grads)
     ref_logp, ref_ent = reference(x64, tokens)
     assert_close_to_reference(outs[backend][0], ref_logp, outs["torch"][0], dtype, "logp")
     assert_close_to_reference(outs[backend][1], ref_ent, outs["torch"][1], dtype, "entropy")
@@ -80,6 +80,7 @@ def test_extremes(backend):
     tokens = torch.randint(0, V, (8,))
     tokens[1], tokens[2] = 5, 3
     check(logits, tokens, backend, torch.float32, grads=False)
+    logits, tokens = logits.to(DEVICE), tokens.to(DEVICE)
     logp, ent = dk.token_logprobs(logits, tokens, return_entropy=True, backend=backend)
     assert logp[1] == 0 and ent[1] == 0
     assert logp[2] == float("-inf")
@@ -93,8 +94,9 @@ def test_extremes(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_and_noncontiguous_and_int32(backend):
-    empty = torch.randn(0, 11, requires_grad=True)
-    out = dk.token_logprobs(empty, torch.zeros(0, dtype=torch.long), backend=backend)
+    empty = torch.randn(0, 11, device=DEVICE, requires_grad=True)
+    out = dk.token_logprobs(empty, torch.zeros(0, dtype=torch.long, device=DEVICE),
+                            backend=backend)
     assert out.shape == (0,)
     out.sum().backward()
     assert empty.grad.shape == (0, 11)
@@ -109,8 +111,8 @@ def test_empty_and_noncontiguous_and_int32(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shift_invariance_and_inputs_untouched(backend):
-    logits = torch.randn(6, 100)
-    tokens = torch.randint(0, 100, (6,))
+    logits = torch.randn(6, 100, device=DEVICE)
+    tokens = torch.randint(0, 100, (6,), device=DEVICE)
     before = logits.clone()
     a = dk.token_logprobs(logits, tokens, backend=backend)
     b = dk.token_logprobs(logits + 123.0, tokens, backend=backend)
@@ -121,12 +123,13 @@ def test_shift_invariance_and_inputs_untouched(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_entropy_only_gradient(backend):
     # Only the entropy is used: the logp term of the backward must be skipped, not zero-filled.
-    x = torch.randn(4, 9, dtype=torch.float32, requires_grad=True)
-    _, h = dk.token_logprobs(x, torch.randint(0, 9, (4,)), return_entropy=True, backend=backend)
+    x = torch.randn(4, 9, dtype=torch.float32, device=DEVICE, requires_grad=True)
+    t = torch.randint(0, 9, (4,), device=DEVICE)
+    _, h = dk.token_logprobs(x, t, return_entropy=True, backend=backend)
     h.sum().backward()
-    x64 = x.detach().double().requires_grad_()
+    x64 = x.detach().double().cpu().requires_grad_()
     reference(x64, torch.zeros(4, dtype=torch.long))[1].sum().backward()
-    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double().cpu(), x64.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_gradcheck_float64():
@@ -140,8 +143,8 @@ def test_gradcheck_float64():
 def test_opcheck(backend):
     from dvae_kernels.token_logprobs import _op
 
-    x = torch.randn(4, 10, requires_grad=True)
-    t = torch.randint(0, 10, (4,))
+    x = torch.randn(4, 10, device=DEVICE, requires_grad=True)
+    t = torch.randint(0, 10, (4,), device=DEVICE)
     torch.library.opcheck(_op, (x, t, backend))
 
 

@@ -2,13 +2,11 @@
 
 import pytest
 import torch
-from utils import DTYPES, assert_close_to_reference
+from utils import DEVICE, DTYPES, assert_close_to_reference, available_backends
 
 import dvae_kernels as dk
-from dvae_kernels._dispatch import backend_unavailable
 
-CPU = torch.device("cpu")
-BACKENDS = [b for b in dk.BACKENDS if backend_unavailable(b, CPU) is None]
+BACKENDS = available_backends()
 KERNELS = [b for b in BACKENDS if b != "torch"]
 
 
@@ -19,10 +17,11 @@ def reference(logits, tokens, weights, reduction):
 
 
 def run(backend, logits, tokens, weights, reduction, dtype):
-    x = logits.to(dtype).detach().clone().requires_grad_()
-    loss = dk.weighted_token_nll(x, tokens, weights, reduction=reduction, backend=backend)
+    x = logits.to(device=DEVICE, dtype=dtype).detach().clone().requires_grad_()
+    loss = dk.weighted_token_nll(x, tokens.to(DEVICE), weights.to(DEVICE), reduction=reduction,
+                                 backend=backend)
     g = torch.randn(loss.shape, generator=torch.Generator().manual_seed(3))
-    (loss * g).sum().backward()
+    (loss * g.to(DEVICE)).sum().backward()
     return loss, x.grad, g
 
 
@@ -49,14 +48,14 @@ def test_matches_float64(backend, dtype, reduction, shape, wshape):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad_writes_no_buffer_and_retain_graph(backend):
-    logits = torch.randn(4, 9)
-    tokens = torch.randint(0, 9, (4,))
+    logits = torch.randn(4, 9, device=DEVICE)
+    tokens = torch.randint(0, 9, (4,), device=DEVICE)
     with torch.no_grad():
         a = dk.weighted_token_nll(logits.requires_grad_(), tokens, 0.5, backend=backend)
     assert not a.requires_grad
     x = logits.detach().clone().requires_grad_()
     before = x.detach().clone()
-    loss = dk.weighted_token_nll(x, tokens, torch.rand(4), backend=backend)
+    loss = dk.weighted_token_nll(x, tokens, torch.rand(4, device=DEVICE), backend=backend)
     loss.backward(retain_graph=True)
     first = x.grad.clone()
     loss.backward()  # the saved gradient buffer must not have been scaled in place
@@ -66,16 +65,17 @@ def test_no_grad_writes_no_buffer_and_retain_graph(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weights_are_targets(backend):
-    w = torch.rand(3, requires_grad=True)
-    x = torch.randn(3, 5, requires_grad=True)
-    dk.weighted_token_nll(x, torch.tensor([0, 1, 4]), w, backend=backend).backward()
+    w = torch.rand(3, device=DEVICE, requires_grad=True)
+    x = torch.randn(3, 5, device=DEVICE, requires_grad=True)
+    dk.weighted_token_nll(x, torch.tensor([0, 1, 4], device=DEVICE), w,
+                          backend=backend).backward()
     assert w.grad is None and x.grad is not None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_and_extremes(backend):
-    x = torch.randn(0, 5, requires_grad=True)
-    t = torch.zeros(0, dtype=torch.long)
+    x = torch.randn(0, 5, device=DEVICE, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.long, device=DEVICE)
     assert dk.weighted_token_nll(x, t, 1.0, backend=backend).item() == 0
     assert dk.weighted_token_nll(x, t, 1.0, reduction="mean", backend=backend).isnan()
     logits = torch.randn(4, 7)
@@ -84,8 +84,9 @@ def test_empty_and_extremes(backend):
     logits[1, 3] = float("nan")
     logits[2] = 1e4 * torch.sign(torch.randn(7))
     tokens = torch.tensor([2, 0, 1, 6])
-    out = dk.weighted_token_nll(logits, tokens, torch.ones(4), reduction="none",
-                                backend=backend)
+    out = dk.weighted_token_nll(logits.to(DEVICE), tokens.to(DEVICE),
+                                torch.ones(4, device=DEVICE), reduction="none",
+                                backend=backend).cpu()
     ref = reference(logits, tokens, torch.ones(4), "none")
     assert out[0] == 0 and out[1].isnan()
     torch.testing.assert_close(out[2:].double(), ref[2:], atol=1e-3, rtol=1e-6)
@@ -107,7 +108,8 @@ def test_gradcheck_float64_and_module():
 def test_opcheck(backend):
     from dvae_kernels.weighted_token_nll import _op
 
-    x = torch.randn(4, 10, requires_grad=True)
-    t = torch.randint(0, 10, (4,))
-    torch.library.opcheck(_op, (x, t, torch.rand(4), True, backend))
-    torch.library.opcheck(_op, (x.detach(), t, torch.rand(4), False, backend))
+    x = torch.randn(4, 10, device=DEVICE, requires_grad=True)
+    t = torch.randint(0, 10, (4,), device=DEVICE)
+    w = torch.rand(4, device=DEVICE)
+    torch.library.opcheck(_op, (x, t, w, True, backend))
+    torch.library.opcheck(_op, (x.detach(), t, w, False, backend))

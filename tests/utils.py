@@ -20,16 +20,25 @@ FLOOR = {
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# The backends under test here: Triton runs through the interpreter on CPU tensors.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# The device the op tests run on: the CPU here (Triton through its interpreter), CUDA on a GPU
+# machine with DVAE_TEST_DEVICE=cuda (Triton compiled; see bench/gpu_report.py).
+DEVICE = torch.device(os.environ.get("DVAE_TEST_DEVICE", "cpu"))
+
+
+def available_backends(device: torch.device = DEVICE) -> list[str]:
+    """Every backend that runs on ``device`` in this process."""
+    from dvae_kernels import BACKENDS
+    from dvae_kernels._dispatch import backend_unavailable
+
+    return [b for b in BACKENDS if backend_unavailable(b, device) is None]
 
 
 def assert_close_to_reference(out, reference, torch_out, dtype, what: str = "output") -> None:
     """``out`` (a backend's result) vs ``reference`` (float64) vs ``torch_out`` (torch backend,
     same dtype): NaN where the reference is NaN, otherwise within the rule above."""
-    out = out.detach().double()
-    reference = reference.detach().double()
-    torch_out = torch_out.detach().double()
+    out = out.detach().double().cpu()
+    reference = reference.detach().double().cpu()
+    torch_out = torch_out.detach().double().cpu()
     assert out.shape == reference.shape, f"{what}: shape {out.shape} vs {reference.shape}"
     ref_nan = reference.isnan()
     assert torch.equal(out.isnan(), ref_nan), (
