@@ -61,6 +61,7 @@ class Config:
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch CPU threads (None: torch's default)
     amp: bool = True  # bf16 autocast (CUDA only)
     compile: bool = False
     kernel_backend: str | None = None  # passed to every dvae_kernels call
@@ -115,6 +116,8 @@ class Config:
         need(self.beta_start > 0 and self.beta_end > 0,
              f"beta_start and beta_end must be > 0, got {self.beta_start}, {self.beta_end}")
         need(self.eta_init > 0, f"eta_init must be > 0, got {self.eta_init}")
+        need(self.threads is None or self.threads >= 1,
+             f"threads must be None or >= 1, got {self.threads}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,7 +126,11 @@ class Config:
 # The paper's configurations (DESIGN.md §1 table) and the CPU demo.
 PRESETS: dict[str, dict[str, Any]] = {
     # 1797 real 8x8 digits from scikit-learn; 4 tokens of 6 bits; a few minutes on 2 cores.
+    # eta is solved each step: the learned eta starts at 100 and needs thousands of steps to
+    # make the trust region bind (ESS stays near K), too slow for a demo. One CPU thread: the
+    # ops are too small for intra-op threads to pay, and they hurt on a shared machine.
     "digits": dict(
+        eta_mode="solved", threads=1,
         dataset="digits", image_size=8, channels=1, likelihood="gaussian",
         min_var=0.01, max_var=1.0, latent_len=4, vocab_size=64, d_model=64, num_heads=4,
         enc_layers=1, dec_layers=1, decoder="mlp", mlp_hidden=[128, 256], num_samples=8,
@@ -157,20 +164,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _parse_value(raw: str, current: Any, name: str) -> Any:
-    """Parse a command-line value with YAML rules (``1e-3``, ``true``, ``[64, 256]``, ``null``)."""
-    value = yaml.safe_load(raw)
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+def _coerce(value: Any, current: Any, name: str) -> Any:
+    """Check ``value`` against the type of the field's current value; YAML 1.1 reads ``1e-3``
+    as a string and ``1`` as an int, both fine for a float field."""
     if isinstance(current, float) and isinstance(value, str):
         try:
-            value = float(value)  # YAML 1.1 reads "1e-3" as a string
+            value = float(value)
         except ValueError:
             pass
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
     if current is not None and value is not None and not isinstance(value, type(current)):
-        if not (isinstance(current, float) and isinstance(value, int)):
-            raise ValueError(f"{name} expects a {type(current).__name__}, got {raw!r}")
+        raise ValueError(f"{name} expects a {type(current).__name__}, got {value!r}")
     return value
+
+
+def _parse_value(raw: str, current: Any, name: str) -> Any:
+    """Parse a command-line value with YAML rules (``1e-3``, ``true``, ``[64, 256]``, ``null``)."""
+    return _coerce(yaml.safe_load(raw), current, name)
 
 
 def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()
@@ -197,7 +208,12 @@ def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...
         if base not in PRESETS:
             raise ValueError(f"{path}: preset must be one of {', '.join(PRESETS)}, got {base!r}")
         values.update(PRESETS[base], preset=base)
-        values.update(loaded)
+        known = {f.name for f in dataclasses.fields(Config)}
+        base_cfg = Config(**values)
+        for key, value in loaded.items():
+            if key not in known:
+                raise ValueError(f"{path}: unknown config key {key!r}")
+            values[key] = _coerce(value, getattr(base_cfg, key), key)
     known = {f.name: f for f in dataclasses.fields(Config)}
     defaults = Config(**{k: v for k, v in values.items() if k in known})
     for item in overrides:

@@ -1,0 +1,325 @@
+"""Datasets, preprocessing and a resumable batch stream.
+
+Loaders return pixels in [0, 1] as float32 ``[C, H, W]``; :class:`Preprocess` maps them to what
+the model sees (binarised for a Bernoulli likelihood, standardised per channel for a Gaussian).
+
+* ``digits``: scikit-learn's bundled 1797 8x8 digits (the last 297 of a fixed shuffle are the
+  test set).
+* ``mnist``: an ``.npz`` with ``x_train``/``x_test`` or a folder of IDX files (``.gz`` or not).
+* ``cifar10``: the python pickle folder (``data_batch_1..5``, ``test_batch``).
+* ``imagenet256``: an ImageFolder tree (``root/train/<class>/*``, ``root/val/<class>/*``, or
+  class folders directly under ``root``); the paper's transforms (random resized crop and
+  horizontal flip for training, resize and centre crop for evaluation). Any file PIL can
+  decode is used (CMYK and PNG-disguised JPEGs included); an unreadable file is skipped with a
+  warning and counted in the batch's ``skipped`` entry.
+
+:class:`BatchStream` yields index batches from a seeded permutation per epoch; its state (epoch,
+position) is a checkpoint field, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+# Per-channel pixel statistics in [0, 1] units for standardisation (the reference's ImageNet
+# constants, in 0..255 units there).
+IMAGENET_MEAN = (123.095 / 255, 115.324 / 255, 102.224 / 255)
+IMAGENET_STD = (68.819 / 255, 66.551 / 255, 69.687 / 255)
+
+
+class TensorImages(Dataset):
+    """In-memory images, uint8 (0..255) or float (already in [0, 1]), ``[N, C, H, W]``."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+        x = self.images[indices]
+        return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+    def __getitem__(self, index):
+        return self.batch(torch.as_tensor([index]))[0], 0
+
+
+def load_digits_split(seed: int = 0) -> tuple[TensorImages, TensorImages]:
+    from sklearn.datasets import load_digits
+
+    images = torch.from_numpy(load_digits().images.astype(np.float32) / 16.0)[:, None]
+    perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
+    images = images[perm]
+    return TensorImages(images[:1500]), TensorImages(images[1500:])
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[:4], "big")
+    if magic >> 8 != 0x08:  # 0x08: unsigned bytes
+        raise ValueError(f"{path}: not an IDX file of unsigned bytes (magic {magic:#x})")
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
+
+
+def load_mnist(path: str | os.PathLike) -> tuple[TensorImages, TensorImages]:
+    """MNIST from ``path``: an ``.npz`` (keys ``x_train``, ``x_test``) or an IDX folder."""
+    p = Path(path)
+    if p.is_file():
+        with np.load(p) as d:
+            missing = {"x_train", "x_test"} - set(d.files)
+            if missing:
+                raise ValueError(f"{p}: expected keys x_train and x_test, missing "
+                                 f"{sorted(missing)} (has {d.files})")
+            train, test = d["x_train"], d["x_test"]
+    elif p.is_dir():
+        def find(stem: str) -> Path:
+            for name in (stem, stem + ".gz", stem.replace("-idx3", ".idx3") + "",
+                         stem.replace("-idx3", ".idx3") + ".gz"):
+                if (p / name).is_file():
+                    return p / name
+            raise ValueError(f"{p}: no {stem}[.gz] IDX file")
+        train = _read_idx(find("train-images-idx3-ubyte"))
+        test = _read_idx(find("t10k-images-idx3-ubyte"))
+    else:
+        raise ValueError(f"data_path for mnist must be an .npz file or an IDX folder, got "
+                         f"{str(path)!r} (not found)")
+    return (TensorImages(torch.from_numpy(np.ascontiguousarray(train))[:, None]),
+            TensorImages(torch.from_numpy(np.ascontiguousarray(test))[:, None]))
+
+
+def load_cifar10(path: str | os.PathLike) -> tuple[TensorImages, TensorImages]:
+    """CIFAR-10 from the python pickle folder (``cifar-10-batches-py``)."""
+    p = Path(path)
+
+    def read(name: str) -> np.ndarray:
+        f = p / name
+        if not f.is_file():
+            raise ValueError(f"data_path for cifar10 must be the cifar-10-batches-py folder; "
+                             f"{f} is missing")
+        with open(f, "rb") as fh:
+            batch = pickle.load(fh, encoding="bytes")
+        return np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+
+    train = np.concatenate([read(f"data_batch_{i}") for i in range(1, 6)])
+    return TensorImages(torch.from_numpy(train)), TensorImages(torch.from_numpy(read("test_batch")))
+
+
+class ImageFolderImages(Dataset):
+    """Images under ``root`` (any depth), decoded with PIL and converted to RGB.
+
+    ``dataset[(index, seed)]`` returns ``(image [3, S, S] in [0, 1], skipped)``: ``seed`` drives
+    the random crop and flip (training) so that a resumed run repeats them; ``skipped`` counts
+    the unreadable files passed over to reach a readable one (the next ones in order).
+    """
+
+    def __init__(self, root: str | os.PathLike, size: int, train: bool):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"ImageFolder root {str(root)!r} is not a directory")
+        self.files = sorted(
+            str(f) for f in self.root.rglob("*")
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.files:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        self.size = size
+        self.train = train
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, path: str, seed: int) -> torch.Tensor:
+        from PIL import Image
+        from torchvision import transforms as T
+        from torchvision.transforms import functional as TF
+
+        with Image.open(path) as im:
+            im = im.convert("RGB")  # CMYK, palette, greyscale and PNG-in-.JPEG alike
+        if self.train:
+            # torchvision draws crop and flip from the global RNG; fork it so the main
+            # process's stream is untouched, and seed it per sample for exact resume.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                top, left, h, w = T.RandomResizedCrop.get_params(
+                    im, scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3])
+                flip = bool(torch.rand(()) < 0.5)
+            im = TF.resized_crop(im, top, left, h, w, [self.size, self.size], antialias=True)
+            if flip:
+                im = TF.hflip(im)
+        else:
+            im = TF.center_crop(TF.resize(im, self.size, antialias=True), self.size)
+        return TF.pil_to_tensor(im).float() / 255.0
+
+    def __getitem__(self, item) -> tuple[torch.Tensor, int]:
+        index, seed = item if isinstance(item, tuple) else (item, 0)
+        for attempt in range(len(self.files)):
+            path = self.files[(index + attempt) % len(self.files)]
+            try:
+                return self._load(path, seed), attempt
+            except Exception as err:  # PIL raises many kinds for corrupt data
+                warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}",
+                              stacklevel=2)
+        raise RuntimeError(f"no readable image under {self.root}")
+
+
+def imagenet_split(root: str | os.PathLike, size: int, train: bool) -> ImageFolderImages:
+    """``root/train`` or ``root/val`` when present, else ``root`` itself."""
+    sub = Path(root) / ("train" if train else "val")
+    return ImageFolderImages(sub if sub.is_dir() else root, size, train)
+
+
+class Preprocess:
+    """Pixels in [0, 1] -> model space, and the inverse the model stores for display."""
+
+    def __init__(self, likelihood: str, shift, scale):
+        self.likelihood = likelihood
+        self.shift = torch.as_tensor(shift, dtype=torch.float32).view(-1, 1, 1)
+        self.scale = torch.as_tensor(scale, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, x01: torch.Tensor) -> torch.Tensor:
+        if self.likelihood == "bernoulli":
+            return (x01 > 0.5).float()
+        return (x01 - self.shift.to(x01.device)) / self.scale.to(x01.device)
+
+    def target_pixels(self, x01: torch.Tensor) -> torch.Tensor:
+        """What a reconstruction is compared with, in [0, 1] (binarised for Bernoulli)."""
+        return (x01 > 0.5).float() if self.likelihood == "bernoulli" else x01
+
+
+def pixel_stats(train: Dataset, channels: int, likelihood: str, dataset: str):
+    """Per-channel (shift, scale) for standardisation (identity for Bernoulli)."""
+    if likelihood == "bernoulli":
+        return [0.0] * channels, [1.0] * channels
+    if dataset == "imagenet256":
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    if isinstance(train, TensorImages):
+        x = train.batch(torch.arange(min(len(train), 50_000)))
+        return x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).clamp_min(1e-3).tolist()
+    return [0.5] * channels, [0.5] * channels
+
+
+class BatchStream:
+    """Index batches: a fresh seeded permutation each epoch, the last partial batch dropped.
+
+    With ``world`` ranks the global batch is ``batch_size * world`` and rank r takes its r-th
+    slice. ``state()``/``load_state()`` carry (epoch, position) through checkpoints.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if batch_size * world > n:
+            raise ValueError(f"batch_size * world ({batch_size} * {world}) exceeds the "
+                             f"dataset size {n}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world = rank, world
+        self.epoch, self.position = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // (self.batch_size * self.world)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._perm = self._permutation(self.epoch)
+
+    def seek(self, batches_consumed: int) -> None:
+        """Continue after ``batches_consumed`` batches from the start of training."""
+        self.load_state({"epoch": batches_consumed // self.batches_per_epoch,
+                         "position": batches_consumed % self.batches_per_epoch})
+
+    def next(self) -> tuple[torch.Tensor, int]:
+        """(indices [batch_size], a per-batch seed for augmentations)."""
+        if self.position >= self.batches_per_epoch:
+            self.epoch += 1
+            self.position = 0
+            self._perm = self._permutation(self.epoch)
+        g = self.batch_size * self.world
+        start = self.position * g + self.rank * self.batch_size
+        idx = self._perm[start:start + self.batch_size]
+        seed = (self.seed * 1_000_003 + self.epoch) * 1_000_033 + self.position
+        self.position += 1
+        return idx, seed
+
+
+class Batches:
+    """Iterator of ``(x01 [B, C, H, W], skipped)`` over a dataset, driven by a BatchStream."""
+
+    def __init__(self, dataset: Dataset, stream: BatchStream, num_workers: int = 0):
+        self.dataset, self.stream = dataset, stream
+        self.num_workers = num_workers
+        self._loader_iter = None
+
+    def _start_loader(self):
+        stream = self.stream
+
+        class _Sampler:
+            def __iter__(self_inner):
+                while True:
+                    idx, seed = stream.next()
+                    yield [(int(i), seed * 65_537 + j) for j, i in enumerate(idx)]
+
+        loader = DataLoader(self.dataset, batch_sampler=_Sampler(),
+                            num_workers=self.num_workers, collate_fn=_collate,
+                            persistent_workers=self.num_workers > 0)
+        return iter(loader)
+
+    def __next__(self) -> tuple[torch.Tensor, int]:
+        if isinstance(self.dataset, TensorImages):
+            idx, _ = self.stream.next()
+            return self.dataset.batch(idx), 0
+        if self.num_workers == 0:
+            idx, seed = self.stream.next()
+            return _collate([self.dataset[(int(i), seed * 65_537 + j)]
+                             for j, i in enumerate(idx)])
+        # With workers the sampler runs ahead of consumption; the trainer checkpoints the
+        # consumed count, and on resume the stream restarts from it.
+        if self._loader_iter is None:
+            self._loader_iter = self._start_loader()
+        return next(self._loader_iter)
+
+
+def _collate(items):
+    images = torch.stack([im for im, _ in items])
+    return images, sum(int(s) for _, s in items)
+
+
+def load_datasets(cfg) -> tuple[Dataset, Dataset]:
+    """(train, test) datasets of pixels in [0, 1] for ``cfg.dataset``."""
+    if cfg.dataset == "digits":
+        return load_digits_split(0)
+    if cfg.dataset in ("mnist", "cifar10", "imagenet256") and not cfg.data_path:
+        raise ValueError(f"dataset {cfg.dataset!r} needs data_path=... (a local copy; "
+                         "nothing is downloaded)")
+    if cfg.dataset == "mnist":
+        return load_mnist(cfg.data_path)
+    if cfg.dataset == "cifar10":
+        return load_cifar10(cfg.data_path)
+    if cfg.dataset == "imagenet256":
+        return (imagenet_split(cfg.data_path, cfg.image_size, True),
+                imagenet_split(cfg.data_path, cfg.image_size, False))
+    if cfg.dataset == "synthetic":
+        g = torch.Generator().manual_seed(cfg.seed)
+        shape = (cfg.channels, cfg.image_size, cfg.image_size)
+        return (TensorImages(torch.rand((1024, *shape), generator=g)),
+                TensorImages(torch.rand((256, *shape), generator=g)))
+    raise ValueError(f"unknown dataset {cfg.dataset!r}")

@@ -1,0 +1,312 @@
+"""The training loop: data, model, DAPS steps, logging, evaluation, checkpoints.
+
+Distributed training uses ``torchrun`` (DDP; NCCL on CUDA, gloo on CPU): every rank draws its
+own slice of each global batch and its own samples, gradients are averaged by DDP, and rank 0
+logs, evaluates and writes checkpoints. Outputs in ``cfg.out_dir``:
+
+    metrics.jsonl        one JSON object per logging interval / evaluation
+    tb/                  TensorBoard scalars
+    reconstructions.png  originals (top) above their reconstructions (bottom), test images
+    checkpoint.pt        the latest checkpoint (atomic); ``resume=true`` continues from it
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import checkpoint as ckpt
+from . import daps, metrics
+from .config import Config
+from .data import Batches, BatchStream, Preprocess, load_datasets, pixel_stats
+from .models import DAPSAutoencoder, build_model
+from .profiling import Phases
+from .train_step import DAPSTrainStep
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+@torch.no_grad()
+def evaluate(model: DAPSAutoencoder, dataset, preprocess: Preprocess, cfg: Config,
+             device: torch.device, *, max_images: int | None = None, seed: int = 12345,
+             grid_path: str | os.PathLike | None = None) -> dict[str, float]:
+    """Test-set metrics with one sampled sequence per image: β-ELBO (nats per image, β_end),
+    log p(x|z), KL to the uniform prior, PSNR, SSIM, codebook usage and perplexity."""
+    from .data import TensorImages
+
+    was_training = model.training
+    model.eval()
+    n = len(dataset) if not max_images else min(max_images, len(dataset))
+    bs = max(1, min(cfg.batch_size, 256))
+    g = torch.Generator(device=device).manual_seed(seed)
+    sums = {"beta_elbo": 0.0, "log_px": 0.0, "kl": 0.0, "psnr": 0.0, "ssim": 0.0}
+    all_tokens = []
+    first = None
+    for start in range(0, n, bs):
+        idx = torch.arange(start, min(start + bs, n))
+        if isinstance(dataset, TensorImages):
+            x01 = dataset.batch(idx)
+        else:
+            x01 = torch.stack([dataset[(int(i), 0)][0] for i in idx])
+        x01 = x01.to(device)
+        x = preprocess(x01)
+        tokens, _ = model.sample(x, 1, generator=g)
+        params = model.decode(tokens[:, 0])
+        logpx = model.likelihood.log_prob(params, x)
+        memory = model.encode(x)
+        hidden = model.encoder.teacher_forced(memory, tokens)
+        _, entropy = daps.token_stats(hidden, model.encoder.head, tokens,
+                                      backend=cfg.kernel_backend)
+        kl = (math.log(model.vocab_size) - entropy[:, 0]).sum(-1)
+        recon = model.to_pixels(model.likelihood.mean(params))
+        target = preprocess.target_pixels(x01)
+        sums["beta_elbo"] += (logpx - cfg.beta_end * kl).sum().item()
+        sums["log_px"] += logpx.sum().item()
+        sums["kl"] += kl.sum().item()
+        sums["psnr"] += metrics.psnr(recon, target).sum().item()
+        sums["ssim"] += metrics.ssim(recon, target).sum().item()
+        all_tokens.append(tokens.cpu())
+        if first is None:
+            first = (target[:cfg.grid_images].cpu(), recon[:cfg.grid_images].cpu())
+    out = {k: v / n for k, v in sums.items()}
+    out.update(metrics.codebook_stats(torch.cat(all_tokens), model.vocab_size))
+    out["eval_images"] = n
+    if grid_path is not None and first is not None:
+        save_grid(first[0], first[1], grid_path)
+    model.train(was_training)
+    return out
+
+
+def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: str | os.PathLike) -> None:
+    """PNG: originals in the top row, reconstructions below; small images scaled up."""
+    from torchvision.utils import save_image
+
+    H = originals.shape[-1]
+    factor = max(1, 64 // H)
+    both = torch.cat([originals, recons]).float().clamp(0, 1)
+    if factor > 1:
+        both = torch.nn.functional.interpolate(both, scale_factor=factor, mode="nearest")
+    if both.shape[1] == 1:
+        both = both.expand(-1, 3, -1, -1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(both, str(path), nrow=originals.shape[0], padding=2, pad_value=1.0)
+
+
+class Trainer:
+    """Builds everything from a :class:`Config`; :meth:`run` trains (optionally only up to a
+    step), :meth:`save` writes the checkpoint. ``cfg.resume`` continues from
+    ``out_dir/checkpoint.pt`` exactly: models, optimisers, η, step, RNG states and the data
+    position."""
+
+    def __init__(self, cfg: Config, *, resume: bool = False):
+        self.cfg = cfg
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = pick_device(cfg.device, local_rank)
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_path = self.out_dir / "checkpoint.pt"
+
+        torch.manual_seed(cfg.seed)
+        self.train_set, self.test_set = load_datasets(cfg)
+        shift, scale = pixel_stats(self.train_set, cfg.channels, cfg.likelihood, cfg.dataset)
+        self.preprocess = Preprocess(cfg.likelihood, shift, scale)
+        self.model = build_model(cfg, shift, scale).to(self.device)
+        fwd: nn.Module = self.model
+        if self.distributed:
+            fwd = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                else None)
+        if cfg.compile:
+            fwd = torch.compile(fwd)
+        self.generator = torch.Generator(device=self.device).manual_seed(
+            cfg.seed * 7919 + 17 + self.rank)
+        self.phases = Phases(False, self.device)
+        self.step_fn = DAPSTrainStep(fwd, cfg, generator=self.generator, phases=self.phases,
+                                     distributed=self.distributed)
+        self.stream = BatchStream(len(self.train_set), cfg.batch_size, cfg.seed, self.rank,
+                                  self.world)
+        self.step = 0
+        self.batches_consumed = 0
+        self.files_skipped = 0
+        if resume and self.ckpt_path.is_file():
+            self.load(self.ckpt_path)
+        self.batches = Batches(self.train_set, self.stream, cfg.num_workers)
+        self._writer = None
+        self.last_eval: dict[str, float] = {}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        gen_states = [self.generator.get_state()]
+        if self.distributed:
+            gen_states = [None] * self.world
+            dist.all_gather_object(gen_states, self.generator.get_state())
+        return {
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.step_fn.optimizer.state_dict(),
+            "eta_optimizer": (self.step_fn.eta_optimizer.state_dict()
+                              if self.step_fn.eta_optimizer else None),
+            "step": self.step,
+            "batches_consumed": self.batches_consumed,
+            "skipped_steps": self.step_fn.skipped.cpu(),
+            "files_skipped": self.files_skipped,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": (torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+                         else None),
+            "generators": [s.cpu() for s in gen_states],
+        }
+
+    def save(self) -> None:
+        state = self.state()  # collective in DDP: every rank must call save()
+        if self.rank == 0:
+            ckpt.save_atomic(state, self.ckpt_path)
+        if self.distributed:
+            dist.barrier()
+
+    def load(self, path) -> None:
+        state = ckpt.load(path, map_location="cpu")
+        self.model.load_state_dict(state["model"])
+        self.step_fn.optimizer.load_state_dict(state["optimizer"])
+        if self.step_fn.eta_optimizer is not None and state["eta_optimizer"] is not None:
+            self.step_fn.eta_optimizer.load_state_dict(state["eta_optimizer"])
+        self.step = int(state["step"])
+        self.batches_consumed = int(state["batches_consumed"])
+        self.stream.seek(self.batches_consumed)
+        self.step_fn.skipped.copy_(state["skipped_steps"])
+        self.files_skipped = int(state["files_skipped"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        gens = state["generators"]
+        if len(gens) != self.world:
+            warnings.warn(f"checkpoint has {len(gens)} sampling streams, this run has "
+                          f"{self.world} ranks: streams are re-derived, not resumed",
+                          stacklevel=2)
+            self.generator.manual_seed(self.cfg.seed * 7919 + 17 + self.rank + self.step)
+        else:
+            self.generator.set_state(gens[self.rank].to(self.generator.get_state().device))
+
+    # -- logging -------------------------------------------------------------------------------
+
+    def _log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.cfg.tensorboard:
+            if self._writer is None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                    self._writer = SummaryWriter(str(self.out_dir / "tb"))
+                except Exception as err:  # tensorboard missing or broken: keep training
+                    warnings.warn(f"TensorBoard disabled: {err}", stacklevel=2)
+                    self.cfg.tensorboard = False
+                    return
+            split = record.get("split", "train")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self._writer.add_scalar(f"{split}/{k}", v, record["step"])
+            self._writer.flush()
+
+    def evaluate(self) -> dict[str, float]:
+        res = evaluate(self.model, self.test_set, self.preprocess, self.cfg, self.device,
+                       max_images=self.cfg.eval_samples or None,
+                       grid_path=self.out_dir / "reconstructions.png")
+        self.last_eval = res
+        self._log({"split": "test", "step": self.step, **res})
+        return res
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self, until: int | None = None) -> dict[str, float]:
+        """Train up to step ``until`` (default: ``cfg.steps``); returns the last logged
+        training metrics, and evaluation metrics under ``test_*`` when an evaluation ran."""
+        cfg = self.cfg
+        end = cfg.steps if until is None else min(until, cfg.steps)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=end, initial=self.step, disable=not cfg.progress or self.rank != 0,
+                   desc="dvae train", dynamic_ncols=True)
+        window: dict[str, torch.Tensor] = {}
+        count = 0
+        t0 = time.perf_counter()
+        last: dict[str, float] = {}
+        while self.step < end:
+            x01, skipped = next(self.batches)
+            self.batches_consumed += 1
+            self.files_skipped += skipped
+            x = self.preprocess(x01.to(self.device, non_blocking=True))
+            m = self.step_fn(x, self.step)
+            for k, v in m.items():
+                window[k] = window.get(k, 0) + v.float()
+            count += 1
+            self.step += 1
+            bar.update(1)
+            done = self.step == end
+            if self.step % cfg.log_every == 0 or done:
+                elapsed = time.perf_counter() - t0
+                last = {k: (v / count).item() for k, v in window.items()}
+                last["skipped"] = float(self.step_fn.skipped.item())
+                last["files_skipped"] = self.files_skipped
+                last["ms_per_step"] = 1000 * elapsed / count
+                self._log({"split": "train", "step": self.step, **last})
+                bar.set_postfix(loss=f"{last['loss']:.2f}", log_px=f"{last['log_px']:.1f}",
+                                ess=f"{last['ess_frac']:.2f}", eta=f"{last['eta']:.3g}")
+                window, count, t0 = {}, 0, time.perf_counter()
+            evaluate_now = cfg.eval_every > 0 and self.step % cfg.eval_every == 0
+            if (evaluate_now or (done and self.step == cfg.steps)) and self.rank == 0:
+                res = self.evaluate()
+                bar.write(f"step {self.step}: test PSNR {res['psnr']:.2f} dB, SSIM "
+                          f"{res['ssim']:.3f}, beta-ELBO {res['beta_elbo']:.2f}, codebook "
+                          f"{res['codebook_usage']:.2f}")
+            if self.distributed and (evaluate_now or done):
+                dist.barrier()
+            if (cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0) or done:
+                self.save()
+        bar.close()
+        out = dict(last)
+        out.update({f"test_{k}": v for k, v in self.last_eval.items()})
+        return out
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
+    """Train from a config (the ``dvae train`` command)."""
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+        if trainer.distributed and dist.is_initialized():
+            dist.destroy_process_group()
