@@ -68,16 +68,21 @@ def _acc_params(weight, bias):
 
 
 def _row_stats(x: torch.Tensor, tok: torch.Tensor):
-    """logits [C, V] -> (logp, lse, entropy, shifted, p), each row like token_logprobs."""
+    """logits [C, V] (overwritten) -> (logp, lse, entropy), each row like token_logprobs.
+
+    In place and with few passes over the [C, V] block: on a CPU these element-wise passes,
+    not the matmul, dominate at small D."""
     V = x.shape[-1]
     lse = torch.logsumexp(x, dim=-1)
-    shifted = x - lse[:, None]
-    p = shifted.exp()
-    entropy = -torch.where(p == 0, 0.0, p * shifted).sum(-1)
     valid = (tok >= 0) & (tok < V)
     picked = x.gather(-1, torch.where(valid, tok, 0).long()[:, None])[:, 0]
     logp = torch.where(valid, picked - lse, float("nan"))
-    return logp, lse, entropy, shifted, p
+    shifted = x.sub_(lse[:, None])
+    p = shifted.exp()
+    # In a row with finite lse the only NaN of p·log p is 0·(-inf) at a -inf logit: 0 by
+    # convention, so nansum. Rows with non-finite lse (NaN, +inf, all -inf) give NaN.
+    entropy = torch.where(lse.isfinite(), -torch.nansum(p.mul_(shifted), -1), float("nan"))
+    return logp, lse, entropy
 
 
 def _torch_forward(hidden, weight, tokens, bias):
@@ -93,7 +98,7 @@ def _torch_forward(hidden, weight, tokens, bias):
         step = chunk_rows(weight.shape[0])
         for r0 in range(0, N, step):
             x = _torch_logits(hidden[r0:r0 + step], w, b)
-            lp, l, e, _, _ = _row_stats(x, tokens[r0:r0 + step])
+            lp, l, e = _row_stats(x, tokens[r0:r0 + step])
             logp[r0:r0 + step] = lp
             lse[r0:r0 + step] = l
             ent[r0:r0 + step] = e
@@ -101,22 +106,28 @@ def _torch_forward(hidden, weight, tokens, bias):
 
 
 def _dlogits(x, tok, lse, entropy, grad_logp, grad_lse, grad_entropy):
-    """d(Σ g_logp·logp + g_lse·lse + g_entropy·entropy) / d logits for one chunk [C, V]."""
-    shifted = x - lse[:, None]
-    p = shifted.exp()
-    grad = torch.zeros_like(x)
-    if grad_logp is not None:
-        V = x.shape[-1]
-        valid = (tok >= 0) & (tok < V)
-        onehot = torch.zeros_like(x)
-        onehot.scatter_(-1, torch.where(valid, tok, 0).long()[:, None],
-                        valid[:, None].to(x.dtype))
-        grad = grad + grad_logp[:, None].to(x.dtype) * (onehot - p)
-    if grad_lse is not None:
-        grad = grad + grad_lse[:, None].to(x.dtype) * p
+    """d(Σ g_logp·logp + g_lse·lse + g_entropy·entropy) / d logits for one chunk [C, V]
+    (``x`` is overwritten). With p = softmax(x) and onehot at the token:
+
+        dlogits = g_logp·onehot + p·(g_lse - g_logp - g_entropy·(entropy + log p))
+    """
+    C, V = x.shape
+    zero = x.new_zeros(C)
+    g_lp = grad_logp.to(x.dtype) if grad_logp is not None else zero
+    coef = (grad_lse.to(x.dtype) if grad_lse is not None else zero) - g_lp
+    # A -inf logit has log p = -inf and p = 0; clamping log p keeps 0·(-inf) out of the
+    # entropy term (exp of the clamped value is still exactly 0).
+    log_p = x.sub_(lse[:, None]).clamp_(min=-1e30)
     if grad_entropy is not None:
-        term = torch.where(p == 0, 0.0, p * (shifted + entropy[:, None]))
-        grad = grad - grad_entropy[:, None].to(x.dtype) * term
+        g_h = grad_entropy.to(x.dtype)
+        coef = coef - g_h * entropy
+        grad = torch.exp(log_p).mul_(log_p.mul_(-g_h[:, None]).add_(coef[:, None]))
+    else:
+        grad = log_p.exp_().mul_(coef[:, None])
+    if grad_logp is not None:
+        valid = (tok >= 0) & (tok < V)
+        grad.scatter_add_(-1, torch.where(valid, tok, 0).long()[:, None],
+                          torch.where(valid, g_lp, 0.0)[:, None])
     return grad
 
 
@@ -140,7 +151,8 @@ def _torch_backward(grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, b
                          grad_entropy[sl] if grad_entropy is not None else None)
             grad_hidden[sl] = (g @ w).to(hidden.dtype)
             grad_w.addmm_(g.t(), h)
-            grad_b += g.sum(0)
+            if bias is not None:
+                grad_b += g.sum(0)
     bias_dtype = bias.dtype if bias is not None else weight.dtype
     return grad_hidden, grad_w.to(weight.dtype), grad_b.to(bias_dtype)
 

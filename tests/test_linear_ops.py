@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import DTYPES, FLOOR, INTERPRETED, assert_close_to_reference
+from utils import DEVICE, DTYPES, FLOOR, assert_close_to_reference, available_backends
 
 from dvae_kernels import BackendError
 from dvae_kernels.linear_token_logprobs import linear_token_logprobs
@@ -15,7 +15,9 @@ from dvae_kernels.linear_weighted_token_nll import (
     linear_weighted_token_nll,
 )
 
-BACKENDS = ["torch"] + (["triton"] if INTERPRETED else [])
+# The backends of these ops that run on the test device (DVAE_TEST_DEVICE: the CPU here, with
+# Triton through its interpreter; CUDA on a GPU machine).
+BACKENDS = [b for b in available_backends() if b in ("torch", "triton")]
 
 # Shapes that bite: V = 1 (the log-softmax is identically 0), V = 3 and 1000 (not powers of
 # two, 1000 spans several vocabulary tiles), a batch of 1, an empty batch, D not a multiple of
@@ -24,10 +26,10 @@ SHAPES = [((5,), 8, 1), ((2, 3), 16, 3), ((1,), 7, 1000), ((0,), 8, 10), ((4, 9)
 
 
 def _inputs(lead, D, V, dtype, bias=True, scale=1.0):
-    hidden = (torch.randn(*lead, D) * scale / D ** 0.5).to(dtype)
-    weight = torch.randn(V, D).to(dtype)
-    b = torch.randn(V).to(dtype) if bias else None
-    tokens = torch.randint(0, V, lead)
+    hidden = (torch.randn(*lead, D) * scale / D ** 0.5).to(DEVICE, dtype)
+    weight = torch.randn(V, D).to(DEVICE, dtype)
+    b = torch.randn(V).to(DEVICE, dtype) if bias else None
+    tokens = torch.randint(0, V, lead).to(DEVICE)
     return hidden, weight, b, tokens
 
 
@@ -53,8 +55,8 @@ def _run(fn, hidden, weight, bias, tokens, g_lp, g_h):
 
 
 def _check(backend, hidden, weight, bias, tokens, dtype):
-    g_lp = torch.randn(tokens.shape, dtype=torch.float64)
-    g_h = torch.randn(tokens.shape, dtype=torch.float64)
+    g_lp = torch.randn(tokens.shape, dtype=torch.float64).to(DEVICE)
+    g_h = torch.randn(tokens.shape, dtype=torch.float64).to(DEVICE)
     op = lambda backend: (lambda h, w, b, t: linear_token_logprobs(
         h, w, t, b, return_entropy=True, backend=backend))
     ref = _run(_reference_fn, hidden, weight, bias, tokens, g_lp, g_h)
@@ -87,13 +89,13 @@ def test_matches_float64_reference(backend, dtype, bias, lead, D, V):
 def test_non_contiguous_and_int32_tokens(backend):
     # hidden: a strided slice; weight: the transpose of a [D, V] tensor (a tied embedding
     # stored the other way round); tokens: int32 and strided.
-    base = torch.randn(6, 40, 2)
+    base = torch.randn(6, 40, 2, device=DEVICE)
     hidden = base[:, :20, 1]
-    weight = torch.randn(20, 37).t()
-    tokens = torch.randint(0, 37, (6, 2), dtype=torch.int32)[:, 1]
+    weight = torch.randn(20, 37, device=DEVICE).t()
+    tokens = torch.randint(0, 37, (6, 2), dtype=torch.int32, device=DEVICE)[:, 1]
     assert not hidden.is_contiguous() and not weight.is_contiguous()
     assert not tokens.is_contiguous()
-    _check(backend, hidden, weight, torch.randn(37), tokens, torch.float32)
+    _check(backend, hidden, weight, torch.randn(37, device=DEVICE), tokens, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,14 +108,14 @@ def test_extreme_logits_forward(backend):
     base = linear_token_logprobs(hidden, weight, tokens, return_entropy=True, backend="torch")
     for o, r, t in zip(out, ref, base):
         assert_close_to_reference(o, r, t, torch.float32, "extreme logits")
-    bias = torch.full((50,), float("-inf"))
+    bias = torch.full((50,), float("-inf"), device=DEVICE)
     bias[7] = 0.0
-    tokens = torch.tensor([7, 3, 7, 0, 49, 7])
+    tokens = torch.tensor([7, 3, 7, 0, 49, 7], device=DEVICE)
     logp, ent = linear_token_logprobs(hidden, weight, tokens, bias, return_entropy=True,
                                       backend=backend)
     expected = torch.where(tokens == 7, 0.0, float("-inf"))
-    assert torch.equal(logp, expected)
-    assert torch.equal(ent, torch.zeros(6))
+    assert torch.equal(logp.cpu(), expected.cpu())
+    assert torch.equal(ent.cpu(), torch.zeros(6))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -197,7 +199,7 @@ def test_opcheck(backend):
     hidden, weight, b = hidden.detach(), weight.detach(), b.detach()
     _, lse, ent = torch.ops.dvae_kernels.linear_token_logprobs(hidden, weight, tokens, b,
                                                                backend)
-    bwd_args = (torch.randn(5), torch.randn(5), None, hidden, weight, tokens, b, lse, ent,
+    bwd_args = (torch.randn(5, device=DEVICE), torch.randn(5, device=DEVICE), None, hidden, weight, tokens, b, lse, ent,
                 backend)
     torch.library.opcheck(torch.ops.dvae_kernels.linear_token_logprobs_backward.default,
                           bwd_args)
@@ -233,7 +235,7 @@ def test_torch_compile_fullgraph():
 def test_weighted_nll_matches_reference(backend, reduction):
     # DAPS shapes in miniature: weights [N, K, 1] broadcast over tokens [N, K, L].
     hidden, weight, b, tokens = _inputs((2, 3, 4), 16, 25, torch.float32)
-    weights = torch.rand(2, 3, 1, requires_grad=True)
+    weights = torch.rand(2, 3, 1, device=DEVICE, requires_grad=True)
     h = hidden.clone().requires_grad_()
     loss = linear_weighted_token_nll(h, weight, tokens, weights, b, reduction=reduction,
                                      backend=backend)
@@ -282,7 +284,7 @@ def test_bad_input_messages():
         linear_weighted_token_nll(hidden, weight, tokens, torch.ones(3))
     with pytest.raises(ValueError, match="reduction must be one of"):
         linear_weighted_token_nll(hidden, weight, tokens, 1.0, reduction="max")
-    if INTERPRETED:
+    if "triton" in BACKENDS:
         with pytest.raises(BackendError, match="float64"):
             linear_token_logprobs(hidden.double(), weight.double(), tokens, backend="triton")
 

@@ -8,12 +8,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import DTYPES, INTERPRETED, assert_close_to_reference
+from utils import DEVICE, DTYPES, assert_close_to_reference, available_backends
 
 from dvae_kernels.linear_sample_tokens import linear_sample_tokens
 from dvae_kernels.sample_tokens import sample_tokens, torch_gumbel, torch_row_keys
 
-BACKENDS = ["torch"] + (["triton"] if INTERPRETED else [])
+# The backends of these ops that run on the test device (DVAE_TEST_DEVICE: the CPU here, with
+# Triton through its interpreter; CUDA on a GPU machine).
+BACKENDS = [b for b in available_backends() if b in ("torch", "triton")]
 
 # The interpreter evaluates log(0) and inf - inf for the padding rows of a tile (masked out
 # before the store); numpy warns about them.
@@ -22,7 +24,12 @@ pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 
 
 def _gen(seed=1234):
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def _d(*tensors):
+    out = tuple(t.to(DEVICE) for t in tensors)
+    return out if len(out) > 1 else out[0]
 
 
 def _binomial_ok(counts, probs, n, sigmas=5.0):
@@ -77,9 +84,10 @@ def test_stream_is_standard_gumbel():
 def test_frequencies_match_softmax(backend, temperature):
     logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5, -3.0, 1.5])
     n = 20000
-    tokens, logp = sample_tokens(logits.expand(n, -1), generator=_gen(), temperature=temperature,
+    tokens, logp = sample_tokens(_d(logits).expand(n, -1), generator=_gen(), temperature=temperature,
                                  backend=backend)
     probs = torch.softmax(logits.double() / temperature, -1)
+    tokens, logp = tokens.cpu(), logp.cpu()
     counts = torch.bincount(tokens, minlength=7).double()
     assert _binomial_ok(counts, probs, n), (counts / n, probs)
     torch.testing.assert_close(logp.double(), probs.log()[tokens], atol=1e-6, rtol=0)
@@ -89,7 +97,8 @@ def test_frequencies_match_softmax(backend, temperature):
 def test_linear_frequencies_match_softmax(backend):
     hidden = torch.randn(1, 8).expand(6000, -1)
     weight = torch.randn(5, 8) * 0.5
-    tokens, _ = linear_sample_tokens(hidden, weight, generator=_gen(), backend=backend)
+    tokens, _ = linear_sample_tokens(*_d(hidden, weight), generator=_gen(), backend=backend)
+    tokens = tokens.cpu()
     probs = torch.softmax(F.linear(hidden[0].double(), weight.double()), -1)
     counts = torch.bincount(tokens, minlength=5).double()
     assert _binomial_ok(counts, probs, 6000), (counts / 6000, probs)
@@ -105,7 +114,7 @@ SHAPES = [((7,), 1), ((2, 5), 3), ((1,), 1000), ((0,), 4), ((30,), 257)]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,V", SHAPES)
 def test_same_seed_same_samples_on_each_backend(dtype, lead, V):
-    logits = (torch.randn(*lead, V) * 2).to(dtype)
+    logits = (torch.randn(*lead, V) * 2).to(DEVICE, dtype)
     results = {be: sample_tokens(logits, generator=_gen(7), backend=be) for be in BACKENDS}
     tokens, logp = results["torch"]
     assert tokens.shape == lead and tokens.dtype == torch.int64 and logp.dtype == torch.float32
@@ -121,7 +130,7 @@ def test_same_seed_same_samples_on_each_backend(dtype, lead, V):
 
 
 def test_seed_from_default_generator_and_fresh_draws():
-    logits = torch.randn(64, 50)
+    logits = torch.randn(64, 50, device=DEVICE)
     torch.manual_seed(3)
     a, _ = sample_tokens(logits)
     b, _ = sample_tokens(logits)  # the generator advanced: new seeds
@@ -132,7 +141,7 @@ def test_seed_from_default_generator_and_fresh_draws():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_logits(backend):
-    base = torch.randn(9, 40)
+    base = torch.randn(9, 40, device=DEVICE)
     logits = base[::2, ::2]  # strided rows and columns
     out = sample_tokens(logits, generator=_gen(), backend=backend)
     ref = sample_tokens(logits.contiguous(), generator=_gen(), backend="torch")
@@ -146,9 +155,9 @@ def test_non_contiguous_logits(backend):
 def test_linear_same_samples_as_materialised(backend, dtype, bias):
     # The fused op draws what sample_tokens draws on the materialised logits (same stream,
     # same rows); with float32 accumulation on both sides the logits agree to rounding.
-    hidden = torch.randn(3, 11, 24).to(dtype)[:, ::2]  # non-contiguous leading dims
-    weight = torch.randn(70, 24).to(dtype)
-    b = torch.randn(70).to(dtype) if bias else None
+    hidden = torch.randn(3, 11, 24).to(DEVICE, dtype)[:, ::2]  # non-contiguous leading dims
+    weight = torch.randn(70, 24).to(DEVICE, dtype)
+    b = torch.randn(70).to(DEVICE, dtype) if bias else None
     logits = F.linear(hidden.float(), weight.float(), b.float() if bias else None)
     for temperature in (1.0, 0.5, 0.0):
         ref_t, ref_lp = sample_tokens(logits, generator=_gen(11), temperature=temperature,
@@ -173,15 +182,15 @@ def test_linear_sample_empty_and_autocast():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_temperature_zero_is_argmax(backend):
-    logits = torch.randn(50, 37)
+    logits = torch.randn(50, 37, device=DEVICE)
     tokens, logp = sample_tokens(logits, generator=_gen(), temperature=0.0, backend=backend)
     assert torch.equal(tokens, logits.argmax(-1))
-    assert torch.equal(logp, torch.zeros(50))
+    assert torch.equal(logp.cpu(), torch.zeros(50))
     # Ties: the lowest index; logp = -log(number of maxima), the tempered limit.
-    tied = torch.tensor([[0.0, 2.0, 2.0, 1.0], [5.0, 5.0, 5.0, 5.0]])
+    tied = _d(torch.tensor([[0.0, 2.0, 2.0, 1.0], [5.0, 5.0, 5.0, 5.0]]))
     tokens, logp = sample_tokens(tied, temperature=0.0, backend=backend)
     assert tokens.tolist() == [1, 0]
-    torch.testing.assert_close(logp, torch.tensor([-math.log(2), -math.log(4)]))
+    torch.testing.assert_close(logp.cpu(), torch.tensor([-math.log(2), -math.log(4)]))
     # A small temperature converges to the argmax.
     cold, _ = sample_tokens(logits, generator=_gen(), temperature=1e-4, backend=backend)
     assert torch.equal(cold, logits.argmax(-1))
@@ -189,10 +198,10 @@ def test_temperature_zero_is_argmax(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_temperature_zero_is_argmax(backend):
-    hidden, weight = torch.randn(20, 16), torch.randn(45, 16)
+    hidden, weight = _d(torch.randn(20, 16), torch.randn(45, 16))
     tokens, logp = linear_sample_tokens(hidden, weight, temperature=0.0, backend=backend)
-    assert torch.equal(tokens, (hidden @ weight.t()).argmax(-1))
-    assert torch.equal(logp, torch.zeros(20))
+    assert torch.equal(tokens.cpu(), (hidden.cpu() @ weight.cpu().t()).argmax(-1))
+    assert torch.equal(logp.cpu(), torch.zeros(20))
 
 
 # --------------------------------------------------------------------------- non-finite
@@ -208,8 +217,9 @@ def test_non_finite_rows(backend, temperature):
         [-inf, 3.0, -inf],  # one survivor: certain
         [1e4, -1e4, 1e4 - 1],  # extreme but finite
     ])
-    tokens, logp = sample_tokens(logits, generator=_gen(), temperature=temperature,
+    tokens, logp = sample_tokens(_d(logits), generator=_gen(), temperature=temperature,
                                  backend=backend)
+    tokens, logp = tokens.cpu(), logp.cpu()
     assert logp[0].isnan() and logp[1].isnan() and tokens[1] == 0
     assert tokens[2] == 1 and logp[2] == 0.0
     assert tokens[3] in (0, 2) and logp[3].isfinite()
@@ -220,11 +230,11 @@ def test_non_finite_rows(backend, temperature):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    seeds = torch.tensor([123, 456], dtype=torch.int64)
+    seeds = _d(torch.tensor([123, 456], dtype=torch.int64))
     torch.library.opcheck(torch.ops.dvae_kernels.sample_tokens.default,
-                          (torch.randn(6, 10), seeds, 1.0, backend))
+                          (_d(torch.randn(6, 10)), seeds, 1.0, backend))
     torch.library.opcheck(torch.ops.dvae_kernels.linear_sample_tokens.default,
-                          (torch.randn(6, 16), torch.randn(10, 16), torch.randn(10), seeds,
+                          (*_d(torch.randn(6, 16), torch.randn(10, 16), torch.randn(10)), seeds,
                            0.7, backend))
 
 
