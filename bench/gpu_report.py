@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -122,33 +121,52 @@ def run_tests(out: Path, env: dict, dry: bool) -> list[Part]:
     return parts
 
 
-def _baseline_step(baseline: Path, args, cmd: list[str]) -> str:
-    """Compare with the stored baseline, or note that this run will become it."""
-    if baseline.is_file() and not args.update_baseline:
+def _baseline_step(baseline: Path, args, cmd: list[str], ops: Sequence[str] | None = None
+                   ) -> str:
+    """Compare with the stored baseline when it holds rows of what this run measures (of
+    ``ops``, when given), or note that this run's rows will be stored in it."""
+    covered = baseline.is_file()
+    if covered and ops:
+        covered = any(r.get("op") in ops for r in json.loads(baseline.read_text())["rows"])
+    if covered and not args.update_baseline:
         cmd += ["--compare", str(baseline), "--tolerance", str(args.tolerance)]
         return f"compared with {baseline.name}"
     return "" if args.dry_run else f"stored as {baseline.name}"
 
 
+def _merge_baseline(results: Path, baseline: Path, key) -> None:
+    """Store ``results``' rows in ``baseline`` (replacing rows with the same key), so that a
+    report done in pieces builds one baseline."""
+    new = json.loads(results.read_text())
+    if baseline.is_file():
+        old = json.loads(baseline.read_text())
+        keep = {key(r) for r in new["rows"]}
+        new["rows"] = [r for r in old["rows"] if key(r) not in keep] + new["rows"]
+    baseline.write_text(json.dumps(new, indent=1, default=str) + "\n")
+
+
 def run_micro(out: Path, env: dict, args) -> Part:
-    dest = out / "micro"
+    # One folder per piece when the microbenchmarks are split by op (see --ops).
+    dest = out / ("micro" if not args.ops else "micro_" + "_".join(args.ops))
     cmd = [sys.executable, "-m", "bench", "--out", str(dest)]
     if args.dry_run:
         # Every op at tiny sizes; torch.compile is left out here (its cold compiles take most
         # of a minute on two cores) and exercised by tests/test_bench.py's --quick run.
-        cmd += ["--quick", "--sets", "tiny", "--no-compile", "--budget", "0.05"]
-    elif args.quick:
-        cmd += ["--quick"]
+        cmd += ["--quick", "--sets", "tiny", "--no-compile", "--budget", "0.02"]
+    else:
+        cmd += ["--quick"] if args.quick else []
+        cmd += ["--ops", *args.ops] if args.ops else []
+        cmd += ["--budget", str(args.budget)] if args.budget else []
     baseline = out / "baseline.json"
-    note = _baseline_step(baseline, args, cmd)
-    log = out / "micro.log"
+    note = _baseline_step(baseline, args, cmd, args.ops or [s.name for s in harness.SPECS])
+    log = out / f"{dest.name}.log"
     rc, sec = _run("micro", cmd, log, env, timeout=7200)
-    if rc == 0 and not args.dry_run and (args.update_baseline or not baseline.is_file()):
-        shutil.copyfile(dest / "results.json", baseline)
+    if rc == 0 and not args.dry_run and "--compare" not in cmd:
+        _merge_baseline(dest / "results.json", baseline, harness.row_key)
     status = {0: "passed", 1: "regressed" if "--compare" in cmd else "failed"}.get(rc, "failed")
     if rc == 2 and "--compare" in cmd:
         status, note = "failed", "the comparison matched no row of the baseline"
-    return Part("micro", status, rc, sec, " ".join(cmd), str(log),
+    return Part(dest.name, status, rc, sec, " ".join(cmd), str(log),
                 note if rc == 0 else _tail(log))
 
 
@@ -161,8 +179,10 @@ def run_e2e(out: Path, env: dict, args) -> Part:
     note = _baseline_step(baseline, args, cmd)
     log = out / "e2e.log"
     rc, sec = _run("e2e", cmd, log, env, timeout=7200)
-    if rc == 0 and not args.dry_run and (args.update_baseline or not baseline.is_file()):
-        shutil.copyfile(dest / "e2e.json", baseline)
+    if rc == 0 and not args.dry_run and "--compare" not in cmd:
+        from .e2e import row_key as e2e_key
+
+        _merge_baseline(dest / "e2e.json", baseline, e2e_key)
     if rc == E2E_MISSING:
         status, note = "missing", _tail(log, 1)
     elif rc == 0:
@@ -181,8 +201,22 @@ def _no_errors(dest: Path) -> bool:
     return all(r.get("status") == "ok" for r in rows)
 
 
-def write_summary(out: Path, machine: dict, parts: list[Part], dry: bool) -> Path:
-    data = {"machine": machine, "dry_run": dry, "parts": [asdict(p) for p in parts]}
+def write_summary(out: Path, machine: dict, parts: list[Part], dry: bool) -> tuple[Path, list]:
+    """summary.json and summary.md. Parts from an earlier run into the same folder (a report
+    done in pieces with --skip, e.g. under a per-command time limit) are kept unless rerun."""
+    merged: dict[str, dict] = {}
+    old = out / "summary.json"
+    if old.is_file():
+        try:
+            earlier = json.loads(old.read_text())
+            if earlier.get("dry_run") == dry:
+                merged = {p["name"]: p for p in earlier.get("parts", [])}
+        except (ValueError, KeyError):
+            merged = {}
+    for p in parts:
+        merged[p.name] = dict(asdict(p), date=machine["date"])
+    parts = [Part(**{k: v for k, v in p.items() if k != "date"}) for p in merged.values()]
+    data = {"machine": machine, "dry_run": dry, "parts": list(merged.values())}
     (out / "summary.json").write_text(json.dumps(data, indent=1) + "\n")
     lines = [f"# GPU report: {machine['name']}", "",
              f"{machine['date']}; torch {machine['torch']}, triton {machine['triton']}, "
@@ -191,14 +225,15 @@ def write_summary(out: Path, machine: dict, parts: list[Part], dry: bool) -> Pat
              "", "| part | status | seconds | note |", "|---|---|---|---|"]
     for p in parts:
         lines.append(f"| {p.name} | {p.status} | {p.seconds:.0f} | {p.note.replace('|', '/')} |")
-    for name, rel in (("Microbenchmarks", "micro.log"), ("End to end", "e2e.log")):
-        log = out / rel
+    logs = [("Microbenchmarks", log) for log in sorted(out.glob("micro*.log"))]
+    logs.append(("End to end", out / "e2e.log"))
+    for name, log in logs:
         if log.is_file():
-            lines += ["", f"## {name}", "", "```", log.read_text(errors="replace").strip()[-20000:],
-                      "```"]
+            lines += ["", f"## {name} ({log.name})", "", "```",
+                      log.read_text(errors="replace").strip()[-20000:], "```"]
     md = out / "summary.md"
     md.write_text("\n".join(lines) + "\n")
-    return md
+    return md, parts
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -209,6 +244,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", help="default: bench/results/<gpu-name>/ (a temp dir on a dry run)")
     ap.add_argument("--skip", nargs="+", choices=PARTS, default=[], help="parts to leave out")
     ap.add_argument("--quick", action="store_true", help="microbenchmarks' --quick shapes")
+    ap.add_argument("--ops", nargs="+", metavar="OP", help="microbenchmarks of these ops only")
+    ap.add_argument("--budget", type=float, help="microbenchmarks' --budget (seconds per case)")
     ap.add_argument("--tolerance", type=float, default=harness.DEFAULT_TOLERANCE,
                     help="regression tolerance against the stored baselines")
     ap.add_argument("--update-baseline", action="store_true",
@@ -247,13 +284,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parts.append(run_micro(out, env, args))
     if "e2e" not in args.skip:
         parts.append(run_e2e(out, env, args))
-    md = write_summary(out, machine, parts, args.dry_run)
+    md, all_parts = write_summary(out, machine, parts, args.dry_run)
     print()
-    for p in parts:
-        print(f"[gpu_report] {p.name:<10} {p.status:<9} {p.seconds:6.0f} s  {p.note}")
+    ran = {p.name for p in parts}
+    for p in all_parts:
+        when = "" if p.name in ran else "  (from an earlier run)"
+        print(f"[gpu_report] {p.name:<10} {p.status:<9} {p.seconds:6.0f} s  {p.note}{when}")
     print(f"[gpu_report] summary: {md}")
     ok = {"passed", "empty", "skipped"}
-    return 0 if all(p.status in ok for p in parts) else 1
+    return 0 if all(p.status in ok for p in parts) else 1  # this run's parts decide
 
 
 if __name__ == "__main__":

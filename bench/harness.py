@@ -179,10 +179,11 @@ def time_fn(fn: Callable[[], Any], timer: Timer, reps: int, warmup: int) -> list
 # ---------------------------------------------------------------------------------------------
 
 
-def measure_roofline(device: torch.device, quick: bool) -> dict[str, Any]:
+def measure_roofline(device: torch.device, quick: bool, tiny: bool = False) -> dict[str, Any]:
     """Device-copy bandwidth (GB/s, read + write counted) and matmul rate (TFLOP/s): bf16 on a
     GPU (the dtype the ops run in there), float32 on a CPU. Each result is later given as a
-    fraction of one of these, so the ratio, not the absolute figure, is what carries over."""
+    fraction of one of these, so the ratio, not the absolute figure, is what carries over.
+    ``tiny`` (pipeline checks only) uses probes small enough to sit in cache."""
     timer = Timer(device)
     if device.type == "cuda":
         copy_elems, mm_n, mm_dtype = 256 << 20, 8192, torch.bfloat16  # 512 MiB bf16 per buffer
@@ -190,6 +191,8 @@ def measure_roofline(device: torch.device, quick: bool) -> dict[str, Any]:
         # 128 / 256 MiB float32 per buffer: well past any CPU's last-level cache.
         copy_elems = (32 << 20) if quick else (64 << 20)
         mm_n, mm_dtype = (512 if quick else 1024), torch.float32
+    if tiny:
+        copy_elems, mm_n = 1 << 20, 128
     copy_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     src = torch.randn(copy_elems, device=device, dtype=torch.float32).to(copy_dtype)
     dst = torch.empty_like(src)
@@ -488,24 +491,26 @@ DAPS_WEIGHTS = OpSpec(
 )
 
 _ESS_TARGET = 0.33  # the paper's ρ
-# log η over [log 1e-6, log 1e12]: 41.4 / 2^24 ~ 2.5e-6 nats, far below what the ESS check
-# resolves; every step is unrolled by torch.compile, so more steps only cost compile time.
-_BISECTION_STEPS = 24
+# Grid refinement in log η over [log 1e-6, log 1e12]: 3 rounds of 32 points narrow 41.4 nats
+# to 41.4 / 31^3 ~ 1.4e-3, far below what the ESS check resolves. A grid (not a bisection) so
+# that torch.compile traces 3 vectorised rounds, not dozens of unrolled steps (a bisection of
+# 24 steps took most of a minute to compile on a 2-core machine).
+_GRID_POINTS, _GRID_ROUNDS = 32, 3
 
 
 def _solve_eta_reference(rewards, logq, beta, ess_target):
-    """Bisection in log η on the batch-mean ESS (monotone increasing in η), on device."""
+    """η at which the batch-mean ESS reaches ``ess_target``·K (it increases with η)."""
     K = rewards.shape[1]
-    advantages = rewards - torch.logsumexp(rewards, dim=1, keepdim=True)
-    s = advantages - beta * logq
+    s = rewards - torch.logsumexp(rewards, dim=1, keepdim=True) - beta * logq
     lo = torch.full((), math.log(1e-6), device=rewards.device)
     hi = torch.full((), math.log(1e12), device=rewards.device)
-    for _ in range(_BISECTION_STEPS):
-        mid = 0.5 * (lo + hi)
-        w = torch.softmax(s / (mid.exp() + beta), dim=1)
-        low_ess = (1.0 / (w * w).sum(1)).mean() < ess_target * K
-        lo = torch.where(low_ess, mid, lo)
-        hi = torch.where(low_ess, hi, mid)
+    steps = torch.linspace(0, 1, _GRID_POINTS, device=rewards.device)
+    for _ in range(_GRID_ROUNDS):
+        grid = lo + (hi - lo) * steps
+        w = torch.softmax(s[None] / (grid.exp()[:, None, None] + beta), dim=2)
+        reached = (1.0 / (w * w).sum(2)).mean(1) >= ess_target * K
+        first = torch.where(reached.any(), reached.int().argmax(), _GRID_POINTS - 1)
+        lo, hi = grid[(first - 1).clamp(min=0)], grid[first]
     return (0.5 * (lo + hi)).exp()
 
 
@@ -688,9 +693,14 @@ def providers_for(spec: OpSpec, device: torch.device, compile_reference: bool = 
                   ) -> list[Provider]:
     """Every provider of ``spec`` on ``device``; those that cannot run carry the reason."""
     op = getattr(dvae_kernels, spec.name)
+    # The op's backend table (one file per op, DESIGN.md §2): a backend it lacks is absent, not
+    # an error.
+    table = getattr(sys.modules.get(getattr(op, "__module__", "")), "SUPPORTS", None)
     out = []
     for name in _dispatch.BACKENDS:
         reason = _dispatch.backend_unavailable(name, device)
+        if reason is None and table is not None and name not in table:
+            reason = f"{spec.name} has no {name} implementation"
         if name == "triton" and device.type != "cuda":
             reason = "interpreted Triton (TRITON_INTERPRET=1) is a test vehicle; never timed"
         if reason is not None:
@@ -1024,6 +1034,7 @@ def plot_throughput(report: dict, path: Path) -> Path | None:
         ceiling = roof["matmul_TFLOPs"] if bound == "compute" else roof["copy_GBps"]
         ax.axhline(ceiling, ls="--", color="grey", label="measured roofline")
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")  # the roofline can sit decades above a slow provider
         ax.set_xlabel("V")
         ax.set_ylabel("TFLOP/s" if bound == "compute" else "GB/s")
         ax.set_title(f"{op} [{mode}]", fontsize=10)
@@ -1218,7 +1229,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("note: TRITON_INTERPRET=1: Triton kernels are interpreted here and are not timed")
     started = time.time()
-    roofline = measure_roofline(device, args.quick)
+    roofline = measure_roofline(device, args.quick, tiny=set(set_names) == {"tiny"})
     report = {"schema": 1, "machine": machine_info(device), "roofline": roofline,
               "config": {"argv": list(argv) if argv is not None else sys.argv[1:],
                          "sets": set_names, "budget_s": settings.budget_s,
@@ -1229,16 +1240,20 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
           f"({report['machine']['name']}), sets {', '.join(set_names)}", flush=True)
     # Each shape and grad mode is one more compiled graph of the same function; the default
     # limit (8) would silently send the rest to eager.
-    for attr in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, attr):
-            setattr(torch._dynamo.config, attr, max(64, getattr(torch._dynamo.config, attr)))
+    if not args.no_compile:
+        import torch._dynamo as dynamo
+
+        for attr in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo.config, attr):
+                setattr(dynamo.config, attr, max(64, getattr(dynamo.config, attr)))
     load = report["machine"].get("loadavg")
     if load and device.type == "cpu" and load[0] > (os.cpu_count() or 1) - 0.5:
         print(f"note: the machine is busy (load average {load[0]:.2f} on {os.cpu_count()} "
               f"cores): CPU figures are noisy; --threads 1 avoids waiting on descheduled "
               f"threads")
     for spec in specs:
-        torch._dynamo.reset()  # the previous op's compiled graphs are no longer needed
+        if not args.no_compile:
+            dynamo.reset()  # the previous op's compiled graphs are no longer needed
         provs = providers_for(spec, device, compile_reference=not args.no_compile)
         if args.providers:
             provs = [p for p in provs if p.name in args.providers

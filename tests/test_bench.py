@@ -164,3 +164,30 @@ def test_bad_arguments():
     assert harness.main(["--ops", "no_such_op", "--out", "/nonexistent"]) == 2
     with pytest.raises(SystemExit):
         e2e.parse_args(["--cases", "mnist"])  # PRESET:BATCH expected
+
+
+def test_gpu_report_baseline_pieces(tmp_path):
+    """A report done in pieces (--ops) builds one baseline, and a piece is compared only with
+    baseline rows of its own ops."""
+    from types import SimpleNamespace
+
+    from bench import gpu_report
+
+    baseline = tmp_path / "baseline.json"
+    first = _report([("torch", 1.0)])
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    gpu_report._merge_baseline(tmp_path / "a.json", baseline, harness.row_key)
+    second = _report([("torch", 2.0), ("cpu", 3.0)])
+    for r in second["rows"]:
+        r["op"] = "other_op"
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    gpu_report._merge_baseline(tmp_path / "b.json", baseline, harness.row_key)
+    rows = json.loads(baseline.read_text())["rows"]
+    assert sorted((r["op"], r["provider"]) for r in rows) == [
+        ("op", "torch"), ("other_op", "cpu"), ("other_op", "torch")]
+    args = SimpleNamespace(update_baseline=False, dry_run=False, tolerance=0.15)
+    cmd: list[str] = []
+    gpu_report._baseline_step(baseline, args, cmd, ["third_op"])
+    assert "--compare" not in cmd  # nothing of third_op in the baseline: store, not compare
+    gpu_report._baseline_step(baseline, args, cmd, ["op"])
+    assert cmd[:2] == ["--compare", str(baseline)]
