@@ -11,6 +11,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -43,7 +46,40 @@ void dispatch_float(at::ScalarType dt, const char* op, F&& f) {
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+// exp for 8 floats, inlined (Sleef's exp is an out-of-line call through a dispatch pointer,
+// which costs more than the arithmetic here). exp(x) = 2^n · e^r with n = round(x·log2 e) and
+// r = x - n·ln 2 (ln 2 in two parts, so r is exact to float precision), |r| <= ln2/2, and e^r
+// by its Taylor polynomial of degree 7 (truncation error < 1e-8 relative, below float's ulp).
+// 2^n is built in the exponent field. Below -87.3 the result is flushed to 0 (the denormals
+// lost are < 1e-38, nothing next to a softmax sum >= 1); above 88.3 it is +inf (the kernels
+// only take exp(d) of d <= 0, up to rounding); NaN stays NaN.
+inline Vec vexp(const Vec& xv) {
+  const __m256 x = xv;
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.f / 5040.f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ));
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, _mm256_set1_ps(88.3f), _CMP_GT_OQ));
+  y = _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  return Vec(y);
+}
+#else
 inline Vec vexp(const Vec& x) { return x.exp(); }
+#endif
 
 // n values of src as float: src itself for float, else converted into buf (vectorised).
 inline const float* as_float(const float* src, int64_t /*n*/, float* /*buf*/) { return src; }
