@@ -49,6 +49,7 @@ class DAPSTrainStep:
                  phases: Phases | None = None, distributed: bool = False):
         self.model = model
         self.raw = unwrap(model)
+        self.compiled = isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
         self.cfg = cfg
         self.generator = generator
         device = next(self.raw.parameters()).device
@@ -97,15 +98,17 @@ class DAPSTrainStep:
             tokens, _ = raw.sample(x, K, generator=self.generator, sampler=self.sampler())
         # reward and teacher_forced are timed inside the model's forward (one DDP forward)
         with self.autocast():
-            out = self.model(x, tokens, phases=ph)
+            # a compiled forward gets no phases: NVTX calls inside it would break the graph
+            out = self.model(x, tokens, phases=None if self.compiled else ph)
         logpx, hidden = out["logpx"], out["hidden"]
         head = raw.encoder.head
         with ph("teacher_forced"):
             fused = getattr(dvae_kernels, "linear_token_logprobs", None)
+            # under autocast: the fused linear ops cast hidden and weight to one dtype
             with self.autocast():
                 logits = head(hidden) if fused is None else None
-            logp_tok, entropy = daps.token_stats(hidden, head, tokens, logits=logits,
-                                                 backend=backend)
+                logp_tok, entropy = daps.token_stats(hidden, head, tokens, logits=logits,
+                                                     backend=backend)
             logq = logp_tok.sum(-1)
         with ph("weights"):
             rewards = logpx.detach().float()
@@ -113,8 +116,9 @@ class DAPSTrainStep:
                                     cfg.eta_mode, backend=backend)
             weights, ess = dvae_kernels.daps_weights(rewards, logq, beta, eta, backend=backend)
         with ph("losses"):
-            l_enc = daps.encoder_loss(hidden, head, tokens, weights, logits=logits,
-                                      backend=backend)
+            with self.autocast():
+                l_enc = daps.encoder_loss(hidden, head, tokens, weights, logits=logits,
+                                          backend=backend)
             l_dec = daps.decoder_loss(logpx)
             loss = l_enc + l_dec
             if cfg.eta_mode == "learned":
