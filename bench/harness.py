@@ -1044,7 +1044,7 @@ def plot_throughput(report: dict, path: Path) -> Path | None:
         ax.axis("off")
     m = report["machine"]
     fig.suptitle(f"{m['name']} - torch {m['torch']} - {m['date']}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
