@@ -96,7 +96,7 @@ def scalar(name: str, value, device: torch.device, *, minimum: float | None = No
         if value.device != device and value.device.type != "cpu":
             raise ValueError(f"{name} must be on {device} (or the CPU), got {describe(value)}")
         if value.device.type == "cpu" and not torch.compiler.is_compiling():
-            _check_scalar_value(name, float(value), minimum, strict)
+            _check_scalar_value(name, float(value.detach()), minimum, strict)
         out = value.to(device=device, dtype=torch.float32 if value.dtype != torch.float64
                        else torch.float64)
         return out
