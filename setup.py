@@ -178,6 +178,16 @@ def _plan():
             _log(f"built {', '.join(record['parts']) or 'schemas only'} in "
                  f"{record['build_seconds']} s; record in {', '.join(sorted(folders))}")
 
+        def copy_extensions_to_source(self):
+            # Unlink before the in-place copy: a process that has the old library mapped (a
+            # test run of this checkout) keeps its inode instead of crashing on a file
+            # rewritten under it.
+            for ext in self.extensions:
+                target = self.get_ext_fullpath(ext.name)
+                if self.inplace and os.path.exists(target):
+                    os.remove(target)
+            super().copy_extensions_to_source()
+
         def get_outputs(self):
             # Listed so that wheels (and editable installs) carry the record.
             outputs = super().get_outputs()
