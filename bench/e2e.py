@@ -44,13 +44,15 @@ class Provider:
     name: str
     kernel_backend: str | None
     compile: bool
+    fused_linear: str = "auto"  # dvae's Config.fused_linear
 
 
+# The torch baselines are the plain PyTorch model: materialised logits, torch backend.
 PROVIDERS = {
-    "torch": Provider("torch", "torch", False),  # DESIGN.md §5's baseline: torch, no compile
+    "torch": Provider("torch", "torch", False, "never"),  # DESIGN.md §5's baseline, no compile
     "fused": Provider("fused", None, False),
     "fused+compile": Provider("fused+compile", None, True),
-    "torch+compile": Provider("torch+compile", "torch", True),
+    "torch+compile": Provider("torch+compile", "torch", True, "never"),
 }
 
 # (preset, batch size): the paper's batch on a GPU; CPU sizes a 2-core machine runs in
@@ -103,7 +105,8 @@ def run_case(make_step, preset: str, batch_size: int, K: int | None, providers: 
             t0 = time.perf_counter()
             step, phases = make_step(preset, batch_size=batch_size, K=K, device=str(device),
                                      kernel_backend=p.kernel_backend, compile=p.compile,
-                                     timed=timed, **overrides)
+                                     timed=timed,
+                                     **{"fused_linear": p.fused_linear, **overrides})
             for _ in range(warmup):
                 step()
             _sync(device)

@@ -65,6 +65,10 @@ class Config:
     amp: bool = True  # bf16 autocast (CUDA only)
     compile: bool = False
     kernel_backend: str | None = None  # passed to every dvae_kernels call
+    # Fused linear ops (teacher-forced pass and sampling straight from hidden states, no
+    # [N, K, L, V] logits): "auto" uses them on CUDA, where the Triton kernels make them fast;
+    # on the CPU the logits path with the cpu kernels is faster at these vocabulary sizes.
+    fused_linear: str = "auto"  # auto | always | never
     out_dir: str = "runs/digits"
     log_every: int = 50
     eval_every: int = 500
@@ -97,6 +101,8 @@ class Config:
              f"likelihood must be 'bernoulli' or 'gaussian', got {self.likelihood!r}")
         need(self.decoder in ("mlp", "resnet"),
              f"decoder must be 'mlp' or 'resnet', got {self.decoder!r}")
+        need(self.fused_linear in ("auto", "always", "never"),
+             f"fused_linear must be auto, always or never, got {self.fused_linear!r}")
         need(self.eta_mode in ("learned", "solved"),
              f"eta_mode must be 'learned' or 'solved', got {self.eta_mode!r}")
         need(self.baseline in ("logsumexp", "mean"),

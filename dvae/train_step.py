@@ -65,6 +65,8 @@ class DAPSTrainStep:
         self.clip_dims = {p: clip_dims[p] for p in net_params}
         self.skipped = torch.zeros((), dtype=torch.float32, device=device)
         self.use_amp = cfg.amp and device.type == "cuda"
+        self.fused = (cfg.fused_linear == "always"
+                      or (cfg.fused_linear == "auto" and device.type == "cuda"))
 
     def autocast(self):
         if self.use_amp:
@@ -77,16 +79,12 @@ class DAPSTrainStep:
     def sampler(self):
         """The per-position sampler the KV-cache loop calls; dvae_kernels' fused one when
         present."""
+        if not self.fused:
+            return None  # the encoder's own Gumbel-max sampler on the materialised logits
         head = self.raw.encoder.head
         backend = self.cfg.kernel_backend
-        fused_linear = getattr(dvae_kernels, "linear_sample_tokens", None)
-        fused = getattr(dvae_kernels, "sample_tokens", None)
-        if fused_linear is not None:
-            return lambda h, g: fused_linear(h, head.weight, head.bias, generator=g,
-                                             backend=backend)
-        if fused is not None:
-            return lambda h, g: fused(head(h), generator=g, backend=backend)
-        return None  # the encoder's own Gumbel-max sampler
+        return lambda h, g: dvae_kernels.linear_sample_tokens(h, head.weight, head.bias,
+                                                              generator=g, backend=backend)
 
     def __call__(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         cfg, raw, ph = self.cfg, self.raw, self.phases
@@ -103,13 +101,21 @@ class DAPSTrainStep:
         logpx, hidden = out["logpx"], out["hidden"]
         head = raw.encoder.head
         with ph("teacher_forced"):
-            fused = getattr(dvae_kernels, "linear_token_logprobs", None)
             # under autocast: the fused linear ops cast hidden and weight to one dtype
             with self.autocast():
-                logits = head(hidden) if fused is None else None
-                logp_tok, entropy = daps.token_stats(hidden, head, tokens, logits=logits,
-                                                     backend=backend)
-            logq = logp_tok.sum(-1)
+                if self.fused:
+                    # One fused pass, kept differentiable: the encoder loss below weights
+                    # these same log-probabilities (no second pass over the vocabulary).
+                    logits = None
+                    logp_tok, entropy = dvae_kernels.linear_token_logprobs(
+                        hidden, head.weight, tokens, head.bias, return_entropy=True,
+                        backend=backend)
+                    entropy = entropy.detach()
+                else:
+                    logits = head(hidden)
+                    logp_tok, entropy = daps.token_stats(hidden, head, tokens, logits=logits,
+                                                         backend=backend)
+            logq = logp_tok.detach().sum(-1)
         with ph("weights"):
             rewards = logpx.detach().float()
             eta = daps.eta_for_step(out["log_eta"], rewards, logq, beta, cfg.ess_target,
@@ -117,8 +123,12 @@ class DAPSTrainStep:
             weights, ess = dvae_kernels.daps_weights(rewards, logq, beta, eta, backend=backend)
         with ph("losses"):
             with self.autocast():
-                l_enc = daps.encoder_loss(hidden, head, tokens, weights, logits=logits,
-                                          backend=backend)
+                if self.fused:
+                    # = linear_weighted_token_nll(hidden, W, tokens, w[..., None]) / N
+                    l_enc = -(weights.detach()[..., None] * logp_tok).sum() / tokens.shape[0]
+                else:
+                    l_enc = daps.encoder_loss(hidden, head, tokens, weights, logits=logits,
+                                              backend=backend)
             l_dec = daps.decoder_loss(logpx)
             loss = l_enc + l_dec
             if cfg.eta_mode == "learned":

@@ -23,7 +23,7 @@ def test_convergence_on_digits(tmp_path):
     """A few hundred steps must beat, clearly, the best image that ignores the latents (the
     training mean), so the codes carry information about each image."""
     cfg = load_config("digits", [f"out_dir={tmp_path}", "progress=false",
-                                 "tensorboard=false", "steps=250", "eval_every=0",
+                                 "tensorboard=false", "steps=600", "eval_every=0",
                                  "log_every=50", "ckpt_every=0", "batch_size=32"])
     trainer = Trainer(cfg)
     before = trainer.evaluate()
@@ -32,7 +32,9 @@ def test_convergence_on_digits(tmp_path):
     mean_image = train.images.mean(0, keepdim=True).expand_as(test.images)
     baseline = psnr(mean_image, test.images).mean().item()
     assert res["test_log_px"] > before["log_px"] + 20, (before, res)
-    assert res["test_psnr"] > baseline + 0.75, (baseline, res)  # 12.4 vs 11.4 dB here
+    # 600 steps: 14.2 dB for seeds 0 and 1 against 11.4 dB for the mean image (at 250 steps
+    # the margin was 0.2-1.0 dB depending on the seed: too close to call).
+    assert res["test_psnr"] > baseline + 1.5, (baseline, res)
     assert res["skipped"] == 0
 
 
