@@ -112,3 +112,31 @@ def _check_scalar_value(name, v, minimum, strict):
     if minimum is not None and (v < minimum or (strict and v == minimum)):
         op = ">" if strict else ">="
         raise ValueError(f"{name} must be {op} {minimum}, got {v}")
+
+
+REDUCTIONS = ("sum", "mean", "none")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def token_weights(weights, tokens: torch.Tensor, device: torch.device,
+                  device_name: str) -> torch.Tensor:
+    """Per-token loss weights (a float or a tensor broadcastable to ``tokens``), detached: they
+    are targets, not parameters. Returns them broadcast to ``tokens.shape`` (a view)."""
+    if isinstance(weights, (int, float)) and not isinstance(weights, bool):
+        weights = torch.full((), float(weights), device=device)
+    check_tensor("weights", weights)
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must be floating point, got {describe(weights)}")
+    if weights.device != device:
+        raise ValueError(f"all tensors must be on one device, got {device_name} on {device}, "
+                         f"weights on {weights.device}")
+    try:
+        return torch.broadcast_to(weights.detach(), tokens.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"weights must broadcast to the shape of tokens {tuple(tokens.shape)}, got "
+            f"{describe(weights)}") from None

@@ -21,8 +21,6 @@ import torch
 from . import _validate
 from .linear_token_logprobs import SUPPORTS, linear_token_logprobs  # noqa: F401 (re-exported)
 
-_REDUCTIONS = ("sum", "mean", "none")
-
 
 def linear_weighted_token_nll(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
                               weights, bias: Optional[torch.Tensor] = None, *,
@@ -54,22 +52,10 @@ def linear_weighted_token_nll(hidden: torch.Tensor, weight: torch.Tensor, tokens
         loss = -(weights.detach() * lp)              # "none"
         loss.sum() / loss.mean()                     # "sum" / "mean"
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _validate.check_reduction(reduction)
     _validate.check_tensor("hidden", hidden)
     _validate.check_tensor("tokens", tokens)
-    if isinstance(weights, (int, float)) and not isinstance(weights, bool):
-        weights = torch.full((), float(weights), device=hidden.device)
-    _validate.check_tensor("weights", weights)
-    if not weights.is_floating_point():
-        raise TypeError(f"weights must be floating point, got {_validate.describe(weights)}")
-    _validate.check_same_device(hidden=hidden, weights=weights)
-    try:
-        w = torch.broadcast_to(weights.detach(), tokens.shape)
-    except RuntimeError:
-        raise ValueError(
-            f"weights must broadcast to the shape of tokens {tuple(tokens.shape)}, got "
-            f"{_validate.describe(weights)}") from None
+    w = _validate.token_weights(weights, tokens, hidden.device, "hidden")
     logp = linear_token_logprobs(hidden, weight, tokens, bias, backend=backend)
     loss = -(w.to(logp.dtype) * logp)
     if reduction == "none":
@@ -85,8 +71,7 @@ class LinearWeightedTokenNLL(torch.nn.Module):
 
     def __init__(self, reduction: str = "sum", backend: str | None = None) -> None:
         super().__init__()
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        _validate.check_reduction(reduction)
         self.reduction = reduction
         self.backend = backend
 

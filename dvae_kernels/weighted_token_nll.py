@@ -195,9 +195,6 @@ _op.register_autograd(_autograd_backward, setup_context=_setup_context)
 # Public function and module
 # ---------------------------------------------------------------------------------------------
 
-_REDUCTIONS = ("sum", "mean", "none")
-
-
 def weighted_token_nll(logits: torch.Tensor, tokens: torch.Tensor, weights,
                        *, reduction: str = "sum", backend: str | None = None) -> torch.Tensor:
     """Weighted negative log-likelihood of ``tokens``: ``-Σ weights · log p(tokens)``.
@@ -221,22 +218,10 @@ def weighted_token_nll(logits: torch.Tensor, tokens: torch.Tensor, weights,
         loss.sum() / loss.mean()                     # "sum" / "mean"
     """
     _validate.check_logits_tokens(logits, tokens)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _validate.check_reduction(reduction)
     V = logits.shape[-1]
     _validate.check_token_range(tokens, V)
-    if isinstance(weights, (int, float)) and not isinstance(weights, bool):
-        weights = torch.full((), float(weights), device=logits.device)
-    _validate.check_tensor("weights", weights)
-    if not weights.is_floating_point():
-        raise TypeError(f"weights must be floating point, got {_validate.describe(weights)}")
-    _validate.check_same_device(logits=logits, weights=weights)
-    try:
-        w = torch.broadcast_to(weights.detach(), tokens.shape)
-    except RuntimeError:
-        raise ValueError(
-            f"weights must broadcast to the shape of tokens {tuple(tokens.shape)}, got "
-            f"{_validate.describe(weights)}") from None
+    w = _validate.token_weights(weights, tokens, logits.device, "logits")
     name = _dispatch.select("weighted_token_nll", SUPPORTS, backend, logits.device,
                             logits=logits, tokens=tokens, weights=w)
     x = logits.reshape(-1, V)
@@ -258,8 +243,7 @@ class WeightedTokenNLL(torch.nn.Module):
 
     def __init__(self, reduction: str = "sum", backend: str | None = None) -> None:
         super().__init__()
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        _validate.check_reduction(reduction)
         self.reduction = reduction
         self.backend = backend
 
