@@ -87,6 +87,12 @@ class DAPSTrainStep:
                                                               generator=g, backend=backend)
 
     def __call__(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        # The tokens are the step's own samples, in [0, V) by construction: the ops need not
+        # read them back to check (that would be a host sync per call on CUDA).
+        with dvae_kernels.no_value_checks():
+            return self._step(x, step)
+
+    def _step(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         cfg, raw, ph = self.cfg, self.raw, self.phases
         K = cfg.num_samples
         beta = self.beta(step)
@@ -148,8 +154,9 @@ class DAPSTrainStep:
             if self.eta_optimizer is not None:
                 optim.step_unless_nonfinite(self.eta_optimizer, found_inf)
             else:
-                with torch.no_grad():
-                    raw.log_eta.copy_(eta.detach().log().to(raw.log_eta.dtype))
+                with torch.no_grad():  # a skipped step keeps the previous record
+                    new = eta.detach().log().to(raw.log_eta.dtype)
+                    raw.log_eta.copy_(torch.where(found_inf > 0, raw.log_eta, new))
             self.optimizer.zero_grad(set_to_none=True)
             if self.eta_optimizer is not None:
                 self.eta_optimizer.zero_grad(set_to_none=True)

@@ -16,6 +16,7 @@ C++/CUDA extension is built) and registered with ``torch.library``:
 """
 
 from ._dispatch import BACKENDS, BackendError
+from ._validate import no_value_checks
 from .daps_weights import daps_weights
 from .linear_sample_tokens import linear_sample_tokens
 from .linear_token_logprobs import linear_token_logprobs
@@ -36,6 +37,7 @@ __all__ = [
     "linear_sample_tokens",
     "linear_token_logprobs",
     "linear_weighted_token_nll",
+    "no_value_checks",
     "sample_tokens",
     "solve_eta",
     "token_logprobs",

@@ -74,6 +74,7 @@ def _row_stats(x: torch.Tensor, tok: torch.Tensor):
     not the matmul, dominate at small D."""
     V = x.shape[-1]
     lse = torch.logsumexp(x, dim=-1)
+    lse = torch.where(lse == float("inf"), float("nan"), lse)  # +inf logits: NaN, as log_softmax
     valid = (tok >= 0) & (tok < V)
     picked = x.gather(-1, torch.where(valid, tok, 0).long()[:, None])[:, 0]
     logp = torch.where(valid, picked - lse, float("nan"))
@@ -116,8 +117,9 @@ def _dlogits(x, tok, lse, entropy, grad_logp, grad_lse, grad_entropy):
     g_lp = grad_logp.to(x.dtype) if grad_logp is not None else zero
     coef = (grad_lse.to(x.dtype) if grad_lse is not None else zero) - g_lp
     # A -inf logit has log p = -inf and p = 0; clamping log p keeps 0·(-inf) out of the
-    # entropy term (exp of the clamped value is still exactly 0).
-    log_p = x.sub_(lse[:, None]).clamp_(min=-1e30)
+    # entropy term. -1e4: exp of it is exactly 0 in float32 and float64 (so no p changes), and
+    # g_entropy·1e4 stays finite for any finite float32 g_entropy (1e30 overflowed).
+    log_p = x.sub_(lse[:, None]).clamp_(min=-1e4)
     if grad_entropy is not None:
         g_h = grad_entropy.to(x.dtype)
         coef = coef - g_h * entropy

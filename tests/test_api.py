@@ -127,3 +127,22 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     assert "0 failed" in proc.stdout
+
+
+def test_no_value_checks_skips_the_range_check_and_kernels_give_nan():
+    # Inside no_value_checks nothing reads the tokens back (no host sync on CUDA); a token out
+    # of range then gives NaN instead of an error, never an out-of-bounds read.
+    with dk.no_value_checks():
+        out = dk.token_logprobs(X, torch.tensor([0, 7, 1]), backend="torch")
+    assert out[1].isnan() and out[[0, 2]].isfinite().all()
+    with pytest.raises(ValueError, match="tokens must lie"):
+        dk.token_logprobs(X, torch.tensor([0, 7, 1]))
+
+
+def test_linear_ops_give_nan_for_inf_logits_like_token_logprobs():
+    h, w, b = torch.randn(3, 4), torch.randn(5, 4), torch.zeros(5)
+    b[2] = float("inf")
+    t = torch.tensor([0, 1, 2])
+    ref = dk.token_logprobs(torch.nn.functional.linear(h, w, b), t, backend="torch")
+    out = dk.linear_token_logprobs(h, w, t, b, backend="torch")
+    assert ref.isnan().all() and out.isnan().all()
