@@ -17,7 +17,7 @@ from dvae_kernels.linear_weighted_token_nll import (
 
 # The backends of these ops that run on the test device (DVAE_TEST_DEVICE: the CPU here, with
 # Triton through its interpreter; CUDA on a GPU machine).
-BACKENDS = [b for b in available_backends() if b in ("torch", "triton")]
+BACKENDS = [b for b in available_backends() if b in ("torch", "triton", "cpu")]
 
 # Shapes that bite: V = 1 (the log-softmax is identically 0), V = 3 and 1000 (not powers of
 # two, 1000 spans several vocabulary tiles), a batch of 1, an empty batch, D not a multiple of
