@@ -5,12 +5,18 @@
 
 Read top to bottom: torch backend, Triton kernel and launcher, registered op, public function.
 
-Gradient in the forward pass. The loss is always followed by its backward in training, and
-its gradient ``w·(softmax(x) - onehot(t))`` needs exactly the row statistics the forward
-computes. So the forward writes the gradient into a fresh [R, V] buffer (never into the
-caller's logits) in the same pass when V fits one tile, and the backward only scales it by the
-incoming gradient. The logits need not be kept alive for the backward. When the logits do not
-require grad, no buffer is written.
+Gradient in the forward pass (CUDA). The loss is always followed by its backward in training,
+and its gradient ``w·(softmax(x) - onehot(t))`` needs exactly the row statistics the forward
+computes. So on CUDA the forward writes the gradient into a fresh [R, V] buffer (never into
+the caller's logits) in the same pass when V fits one tile, and the backward only scales it by
+the incoming gradient; the logits need not be kept alive for the backward.
+
+Gradient in the backward pass (CPU). On the CPU every fresh [R, V] buffer costs page faults
+(about 50 ms for 64 MiB on our 2-core machines), so gradient-then-scale pays for two buffers.
+There the forward only computes the loss and the backward runs the same kernel once more with
+the weights multiplied by the incoming gradient, writing the final gradient straight away:
+1.5x faster for fp32 [65536, 1024] with the cpu backend. When the logits do not require grad,
+no buffer is written on either device.
 """
 
 from __future__ import annotations
@@ -173,19 +179,24 @@ def _(logits, tokens, weights, compute_grad, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, _, compute_grad, _ = inputs
+    logits, tokens, weights, compute_grad, backend = inputs
     ctx.compute_grad = compute_grad
-    ctx.save_for_backward(output[1])
+    ctx.backend = backend
+    if compute_grad:
+        ctx.save_for_backward(output[1])
+    else:
+        ctx.save_for_backward(logits, tokens, weights)
 
 
 def _autograd_backward(ctx, grad_loss, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    if not ctx.compute_grad:
-        raise RuntimeError(
-            "weighted_token_nll was called without gradient tracking on logits (or under "
-            "torch.no_grad) but is being differentiated")
-    # Out of place: the saved buffer must survive a backward with retain_graph=True.
-    return grad * grad_loss[:, None].to(grad.dtype), None, None, None, None
+    if ctx.compute_grad:
+        (grad,) = ctx.saved_tensors
+        # Out of place: the saved buffer must survive a backward with retain_graph=True.
+        return grad * grad_loss[:, None].to(grad.dtype), None, None, None, None
+    # The gradient of Σ g·loss is the kernel's gradient with weights w·g: one pass, one buffer.
+    logits, tokens, weights = ctx.saved_tensors
+    _, grad = _op(logits, tokens, weights * grad_loss.to(weights.dtype), True, ctx.backend)
+    return grad, None, None, None, None
 
 
 _op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -228,7 +239,9 @@ def weighted_token_nll(logits: torch.Tensor, tokens: torch.Tensor, weights,
     if x.stride(-1) != 1:
         x = x.contiguous()
     acc = _acc_dtype(logits.dtype)
-    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    # CUDA: the gradient in the forward pass; CPU: in the backward pass (module docstring).
+    compute_grad = (torch.is_grad_enabled() and logits.requires_grad
+                    and logits.device.type != "cpu")
     loss, _ = _op(x, tokens.reshape(-1).contiguous(), w.reshape(-1).to(acc).contiguous(),
                   compute_grad, name)
     if reduction == "none":
