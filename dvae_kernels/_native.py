@@ -80,54 +80,32 @@ def _rewards_supports(rewards, logq) -> str | None:
 _ltl = importlib.import_module("dvae_kernels.linear_token_logprobs")
 
 
+def _linear_row_stats(x, tok):
+    return _csrc.ops().token_logprobs_fwd(x, tok)
+
+
+def _linear_dlogits(x, tok, lse, entropy, grad_logp, grad_lse, grad_entropy):
+    # The row kernel knows d logp and d entropy; d lse/dx = p folds in as
+    # (g_logp - g_lse)·(onehot - p) + g_lse·onehot.
+    g_lp = grad_logp
+    if grad_lse is not None:
+        g_lp = -grad_lse if grad_logp is None else grad_logp - grad_lse
+    g = _csrc.ops().token_logprobs_bwd(g_lp, grad_entropy, x, tok, lse, entropy)
+    if grad_lse is not None:
+        valid = (tok >= 0) & (tok < x.shape[-1])
+        g.scatter_add_(-1, torch.where(valid, tok, 0).long()[:, None],
+                       torch.where(valid, grad_lse, 0.0)[:, None])
+    return g
+
+
 def _linear_forward(hidden, weight, tokens, bias):
-    N = hidden.shape[0]
-    logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
-    lse, ent = torch.empty_like(logp), torch.empty_like(logp)
-    with torch.autocast(hidden.device.type, enabled=False):
-        w, b = _ltl._acc_params(weight, bias)
-        step = _ltl.chunk_rows(weight.shape[0])
-        for r0 in range(0, N, step):
-            sl = slice(r0, r0 + step)
-            x = _ltl._torch_logits(hidden[sl], w, b)
-            logp[sl], lse[sl], ent[sl] = _csrc.ops().token_logprobs_fwd(x, tokens[sl])
-    return logp, lse, ent
+    return _ltl.chunked_forward(_linear_row_stats, hidden, weight, tokens, bias)
 
 
 def _linear_backward(grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, bias, lse,
                      entropy):
-    N, D = hidden.shape
-    V = weight.shape[0]
-    with torch.autocast(hidden.device.type, enabled=False):
-        w, b = _ltl._acc_params(weight, bias)
-        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-        grad_w = torch.zeros((V, D), dtype=w.dtype, device=w.device)
-        grad_b = torch.zeros((V,), dtype=w.dtype, device=w.device)
-        # The row kernel knows d logp and d entropy; d lse/dx = p folds in as
-        # (g_logp - g_lse)·(onehot - p) + g_lse·onehot.
-        g_lp = grad_logp
-        if grad_lse is not None:
-            g_lp = -grad_lse if grad_logp is None else grad_logp - grad_lse
-        step = _ltl.chunk_rows(V)
-        for r0 in range(0, N, step):
-            sl = slice(r0, r0 + step)
-            h = hidden[sl].to(w.dtype)
-            tok = tokens[sl]
-            x = _ltl._torch_logits(h, w, b)
-            g = _csrc.ops().token_logprobs_bwd(
-                g_lp[sl] if g_lp is not None else None,
-                grad_entropy[sl] if grad_entropy is not None else None,
-                x, tok, lse[sl], entropy[sl])
-            if grad_lse is not None:
-                valid = (tok >= 0) & (tok < V)
-                g.scatter_add_(-1, torch.where(valid, tok, 0).long()[:, None],
-                               torch.where(valid, grad_lse[sl], 0.0)[:, None])
-            grad_hidden[sl] = (g @ w).to(hidden.dtype)
-            grad_w.addmm_(g.t(), h)
-            if bias is not None:
-                grad_b += g.sum(0)
-    bias_dtype = bias.dtype if bias is not None else weight.dtype
-    return grad_hidden, grad_w.to(weight.dtype), grad_b.to(bias_dtype)
+    return _ltl.chunked_backward(_linear_dlogits, grad_logp, grad_lse, grad_entropy, hidden,
+                                 weight, tokens, bias, lse, entropy)
 
 
 def _linear_supports(hidden, weight, tokens, bias) -> str | None:

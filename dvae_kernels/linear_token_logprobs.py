@@ -88,6 +88,13 @@ def _row_stats(x: torch.Tensor, tok: torch.Tensor):
 
 def _torch_forward(hidden, weight, tokens, bias):
     """hidden [N, D], weight [V, D], tokens [N], bias [V] or None -> (logp, lse, entropy)."""
+    return chunked_forward(_row_stats, hidden, weight, tokens, bias)
+
+
+def chunked_forward(row_stats, hidden, weight, tokens, bias):
+    """The forward over row chunks of at most CHUNK_ELEMENTS logits, each chunk's statistics
+    from ``row_stats(logits [C, V] float32, tokens [C]) -> (logp, lse, entropy)`` (the torch
+    code here, or the C++ row kernel for the cpu backend)."""
     N = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
     logp = torch.empty(N, dtype=acc, device=hidden.device)
@@ -99,7 +106,7 @@ def _torch_forward(hidden, weight, tokens, bias):
         step = chunk_rows(weight.shape[0])
         for r0 in range(0, N, step):
             x = _torch_logits(hidden[r0:r0 + step], w, b)
-            lp, l, e = _row_stats(x, tokens[r0:r0 + step])
+            lp, l, e = row_stats(x, tokens[r0:r0 + step])
             logp[r0:r0 + step] = lp
             lse[r0:r0 + step] = l
             ent[r0:r0 + step] = e
@@ -135,6 +142,15 @@ def _dlogits(x, tok, lse, entropy, grad_logp, grad_lse, grad_entropy):
 
 def _torch_backward(grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, bias, lse,
                     entropy):
+    return chunked_backward(_dlogits, grad_logp, grad_lse, grad_entropy, hidden, weight,
+                            tokens, bias, lse, entropy)
+
+
+def chunked_backward(dlogits, grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, bias,
+                     lse, entropy):
+    """The backward over row chunks: each chunk's logits are recomputed, turned into their
+    gradient by ``dlogits`` (signature of :func:`_dlogits`) and multiplied back into the
+    gradients of hidden, weight and bias."""
     N, D = hidden.shape
     V = weight.shape[0]
     with torch.autocast(hidden.device.type, enabled=False):
@@ -147,7 +163,7 @@ def _torch_backward(grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, b
             sl = slice(r0, r0 + step)
             h = hidden[sl].to(w.dtype)
             x = _torch_logits(h, w, b)
-            g = _dlogits(x, tokens[sl], lse[sl], entropy[sl],
+            g = dlogits(x, tokens[sl], lse[sl], entropy[sl],
                          grad_logp[sl] if grad_logp is not None else None,
                          grad_lse[sl] if grad_lse is not None else None,
                          grad_entropy[sl] if grad_entropy is not None else None)
