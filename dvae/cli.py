@@ -1,12 +1,15 @@
 """``dvae`` command line: train, eval, reconstruct.
 
-    dvae train [--config PRESET|FILE.yaml] [--resume] [key=value ...]
+    dvae train [--config PRESET|FILE.yaml] [--resume | --overwrite] [key=value ...]
     dvae eval --checkpoint PATH [key=value ...]
     dvae reconstruct --checkpoint PATH [--out FILE.png] [--count N] [key=value ...]
 
 Presets: digits (default; scikit-learn's 8x8 digits, minutes on a CPU), mnist, cifar10,
 imagenet256 (the paper's configurations; give data_path=...). Multi-GPU or multi-process:
 ``torchrun --nproc_per_node=N -m dvae.cli train ...``.
+
+Every mistake a user can make ends as one ``dvae: error: ...`` line on stderr and exit code 2;
+SIGINT/SIGTERM during training save a checkpoint and exit with 130/143 and one line.
 """
 
 from __future__ import annotations
@@ -18,93 +21,192 @@ import sys
 import torch
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dvae", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a DAPS autoencoder")
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one ``dvae: error:`` line (exit code 2)."""
+
+    def error(self, message: str):
+        where = "" if self.prog == "dvae" else f"{self.prog}: "
+        self.exit(2, f"dvae: error: {where}{message}\n")
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser (for ``dvae --help``) and one parser per command. Each command's
+    parser takes its options and its ``key=value`` overrides in any order."""
+    from .config import keys_help
+
+    p = _Parser(prog="dvae", description=__doc__.split("\n")[0], allow_abbrev=False)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    t = sub.add_parser("train", help="train a DAPS autoencoder", allow_abbrev=False,
+                       epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", default=None,
                    help="a preset (digits, mnist, cifar10, imagenet256) or a YAML file")
-    t.add_argument("--resume", action="store_true",
-                   help="continue from out_dir/checkpoint.pt if it exists")
-    t.add_argument("overrides", nargs="*", help="config key=value pairs")
-    e = sub.add_parser("eval", help="test-set metrics of a checkpoint, as JSON")
+    mode = t.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run in out_dir from its checkpoint (a new run if "
+                      "there is none); only run-control keys may change")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="delete the checkpoint, metrics and TensorBoard files in out_dir "
+                      "and start a new run there")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    e = sub.add_parser("eval", help="test-set metrics of a checkpoint, as JSON",
+                       allow_abbrev=False)
     e.add_argument("--checkpoint", required=True)
-    e.add_argument("overrides", nargs="*", help="config key=value pairs (e.g. data_path=...)")
-    r = sub.add_parser("reconstruct", help="a PNG of test images and their reconstructions")
+    e.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="evaluation keys (data_path, eval_samples, device, ...)")
+    r = sub.add_parser("reconstruct", help="a PNG of test images and their reconstructions",
+                       allow_abbrev=False)
     r.add_argument("--checkpoint", required=True)
     r.add_argument("--out", default="reconstructions.png")
-    r.add_argument("--count", type=int, default=16)
-    r.add_argument("overrides", nargs="*", help="config key=value pairs")
-    return p
+    r.add_argument("--count", type=int, default=16, help="test images to show (>= 1)")
+    r.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="evaluation keys (data_path, device, ...)")
+    return p, sub.choices
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    top, commands = _parsers()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in commands:
+        return top.parse_args(argv)  # help, or one error line naming the valid commands
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
 
 
 def _from_checkpoint(path: str, overrides: list[str]):
     from .checkpoint import load
-    from .config import Config, _parse_value
-    from .data import Preprocess, load_datasets, pixel_stats
+    from .config import EVAL_KEYS, Config, changed_keys, parse_overrides
+    from .data import Preprocess, load_datasets
     from .models import build_model
-    from .trainer import pick_device
+    from .trainer import check_kernel_backend, pick_device
 
     state = load(path)
     values = dict(state["config"])
-    defaults = Config(**values)
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        if not _ or key not in values:
-            raise ValueError(f"override must be key=value with a known key, got {item!r}")
-        values[key] = _parse_value(raw, getattr(defaults, key), key)
+    asked = parse_overrides(overrides)
+    refused = changed_keys(values, asked, EVAL_KEYS)
+    if refused:
+        raise ValueError(f"{', '.join(refused)} cannot be changed on a checkpoint (its weights "
+                         f"were trained with the saved value); keys that may: "
+                         f"{', '.join(sorted(EVAL_KEYS))}")
+    values.update(asked)
     cfg = Config(**values)
     device = pick_device(cfg.device)
+    check_kernel_backend(cfg, device)
     _, test = load_datasets(cfg)
     model = build_model(cfg).to(device)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {path!r}: its weights do not fit the model its config "
+                         f"describes: {str(err).splitlines()[0]}") from None
+    # pixel statistics come from the checkpoint's buffers, not recomputed
     shift = model.pixel_shift.flatten().tolist()
     scale = model.pixel_scale.flatten().tolist()
     pre = Preprocess(cfg.likelihood, shift, scale)
-    _ = pixel_stats  # stats come from the checkpoint's buffers, not recomputed
     return cfg, model, test, pre, device, state
 
 
+def _train(args) -> int:
+    from . import checkpoint as ckpt
+    from .config import load_config, resume_config
+    from .trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    path = f"{cfg.out_dir}/checkpoint.pt"
+    if args.resume:
+        try:
+            state = ckpt.load(path)
+        except ckpt.CheckpointError:
+            import os
+
+            if os.path.exists(path):
+                raise
+            print(f"dvae: no checkpoint at {path}; starting a new run", file=sys.stderr)
+        else:
+            cfg = resume_config(state["config"], args.config, args.overrides)
+            if int(state["step"]) == cfg.steps:
+                print(f"dvae: {path} is already at step {cfg.steps} = steps; nothing to train "
+                      "(raise steps to continue)", file=sys.stderr)
+                return 0
+    res = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if res:
+        keys = [k for k in ("test_psnr", "test_ssim", "test_beta_elbo",
+                            "test_codebook_usage", "test_perplexity", "ms_per_step")
+                if isinstance(res.get(k), (int, float))]
+        print(json.dumps({k: round(res[k], 4) for k in keys}))
+        print(f"outputs in {cfg.out_dir}/: metrics.jsonl, reconstructions.png, "
+              "checkpoint.pt, tb/")
+    return 0
+
+
+def _eval_or_reconstruct(args) -> int:
+    from .trainer import evaluate, save_grid
+
+    if args.command == "reconstruct" and args.count < 1:
+        raise ValueError(f"--count must be >= 1, got {args.count}")
+    cfg, model, test, pre, device, state = _from_checkpoint(args.checkpoint, args.overrides)
+    if args.command == "eval":
+        res = evaluate(model, test, pre, cfg, device, max_images=cfg.eval_samples or None)
+        res["step"] = int(state["step"])
+        print(json.dumps(res))
+        return 0
+    from .data import TensorImages
+
+    n = min(args.count, len(test))
+    if isinstance(test, TensorImages):
+        x01 = test.batch(torch.arange(n))
+    else:
+        images = []
+        for i in range(len(test)):
+            if len(images) == n:
+                break
+            image = test.try_load(i)
+            if image is not None:
+                images.append(image)
+        if not images:
+            raise ValueError("no test image could be read")
+        x01 = torch.stack(images)
+    x01 = x01.to(device)
+    model.eval()
+    with torch.no_grad():
+        tokens, _ = model.sample(pre(x01), 1, generator=torch.Generator(device).manual_seed(0))
+        recon = model.reconstruct(tokens[:, 0])
+    try:
+        save_grid(pre.target_pixels(x01).cpu(), recon.cpu(), args.out)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--out {args.out}: cannot write the PNG: {err}") from None
+    print(f"wrote {args.out} ({x01.shape[0]} originals above their reconstructions)")
+    return 0
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+    return text or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
+    from dvae_kernels import BackendError
+
+    from .trainer import Interrupted
+
     try:
         if args.command == "train":
-            from .config import load_config
-            from .trainer import train
-
-            cfg = load_config(args.config, args.overrides)
-            res = train(cfg, resume=args.resume)
-            if res:
-                keys = [k for k in ("test_psnr", "test_ssim", "test_beta_elbo",
-                                    "test_codebook_usage", "test_perplexity", "ms_per_step")
-                        if k in res]
-                print(json.dumps({k: round(res[k], 4) for k in keys}))
-                print(f"outputs in {cfg.out_dir}/: metrics.jsonl, reconstructions.png, "
-                      "checkpoint.pt, tb/")
-            return 0
-        from .trainer import evaluate, save_grid
-
-        cfg, model, test, pre, device, state = _from_checkpoint(args.checkpoint, args.overrides)
-        if args.command == "eval":
-            res = evaluate(model, test, pre, cfg, device, max_images=cfg.eval_samples or None)
-            res["step"] = int(state["step"])
-            print(json.dumps(res))
-            return 0
-        n = min(args.count, len(test))
-        from .data import TensorImages
-
-        idx = torch.arange(n)
-        x01 = (test.batch(idx) if isinstance(test, TensorImages)
-               else torch.stack([test[(i, 0)][0] for i in range(n)])).to(device)
-        model.eval()
-        with torch.no_grad():
-            tokens, _ = model.sample(pre(x01), 1, generator=torch.Generator(device).manual_seed(0))
-            recon = model.reconstruct(tokens[:, 0])
-        save_grid(pre.target_pixels(x01).cpu(), recon.cpu(), args.out)
-        print(f"wrote {args.out} ({n} originals above their reconstructions)")
-        return 0
-    except ValueError as err:
-        print(f"dvae: error: {err}", file=sys.stderr)
+            return _train(args)
+        return _eval_or_reconstruct(args)
+    except Interrupted as stop:
+        print(f"dvae: {stop}", file=sys.stderr)
+        return 128 + stop.signum
+    except KeyboardInterrupt:
+        print("dvae: interrupted twice; stopped without saving (the last checkpoint stands)",
+              file=sys.stderr)
+        return 130
+    except (ValueError, BackendError) as err:
+        print(f"dvae: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, permissions, a vanished file
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"dvae: error: {where}{err.strerror or _one_line(err)}", file=sys.stderr)
         return 2
 
 

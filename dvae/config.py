@@ -20,63 +20,63 @@ import yaml
 class Config:
     """Everything a run needs. Field comments say what the paper uses where it matters."""
 
-    preset: str = "digits"
+    preset: str = "digits"  # the preset this run started from (set by --config; a label)
     # --- data ---
     dataset: str = "digits"  # digits | mnist | cifar10 | imagenet256 | synthetic
     data_path: str | None = None  # mnist: .npz or IDX folder; cifar10: the pickle folder
     image_size: int = 8  # square images, side in pixels
-    channels: int = 1
+    channels: int = 1  # colour channels (1 or 3)
     likelihood: str = "gaussian"  # bernoulli (binarised pixels) | gaussian (standardised)
     min_var: float = 0.01  # Gaussian variance clip (ImageNet: [0.01, 1])
-    max_var: float = 1.0
+    max_var: float = 1.0  # upper clip of the Gaussian variance
     num_workers: int = 0  # DataLoader workers (ImageFolder only; in-memory sets use none)
     # --- model ---
     latent_len: int = 4  # L tokens per image
     vocab_size: int = 64  # V
-    d_model: int = 64
-    num_heads: int = 4
+    d_model: int = 64  # transformer width d
+    num_heads: int = 4  # attention heads
     enc_layers: int = 1  # bidirectional layers over patches
     dec_layers: int = 1  # causal layers over latent tokens
-    mlp_ratio: int = 4
+    mlp_ratio: int = 4  # transformer MLP width / d
     num_patches: int | None = None  # defaults to latent_len, as in the reference
     decoder: str = "mlp"  # mlp | resnet
-    mlp_hidden: list[int] = field(default_factory=lambda: [128, 256])
-    resnet_hidden: int = 64
-    resnet_blocks: int = 2
+    mlp_hidden: list[int] = field(default_factory=lambda: [128, 256])  # MLP decoder widths
+    resnet_hidden: int = 64  # ResNet decoder channels
+    resnet_blocks: int = 2  # ResNet decoder residual blocks
     # --- DAPS (DESIGN.md §1) ---
     num_samples: int = 8  # K
     ess_target: float = 0.33  # rho: target mean ESS = rho * K
     eta_mode: str = "learned"  # learned (paper) | solved (solve_eta each step)
-    eta_init: float = 100.0
-    eta_lr: float = 1e-3
+    eta_init: float = 100.0  # initial eta (learned mode; the paper's 100)
+    eta_lr: float = 1e-3  # AdamW learning rate of log eta (learned mode)
     baseline: str = "logsumexp"  # logsumexp | mean (cancels in the weights; metrics only)
-    beta_start: float = 0.5
-    beta_end: float = 0.01
+    beta_start: float = 0.5  # beta at step 0, annealed exponentially to beta_end
+    beta_end: float = 0.01  # beta at the last step (also the beta of the reported beta-ELBO)
     # --- optimiser ---
-    lr: float = 3e-4
+    lr: float = 3e-4  # AdamW learning rate (the paper's 3e-4, constant)
     weight_decay: float = 1e-4  # optax.adamw's default, which the reference uses
     clip: float = 1.0  # adaptive unit-wise gradient clipping
     # --- run ---
-    steps: int = 1500
-    batch_size: int = 64
-    seed: int = 0
+    steps: int = 1500  # training steps in all (a resumed run may raise it)
+    batch_size: int = 64  # images per step (per process under torchrun)
+    seed: int = 0  # initialisation, data order and sampling streams
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch CPU threads (None: torch's default)
     amp: bool = True  # bf16 autocast (CUDA only)
-    compile: bool = False
-    kernel_backend: str | None = None  # passed to every dvae_kernels call
+    compile: bool = False  # torch.compile the decoder and teacher-forced pass
+    kernel_backend: str | None = None  # dvae_kernels backend: null/auto|torch|triton|cuda|cpu
     # Fused linear ops (teacher-forced pass and sampling straight from hidden states, no
     # [N, K, L, V] logits): "auto" uses them on CUDA, where the Triton kernels make them fast;
     # on the CPU the logits path with the cpu kernels is faster at these vocabulary sizes.
     fused_linear: str = "auto"  # auto | always | never
-    out_dir: str = "runs/digits"
-    log_every: int = 50
-    eval_every: int = 500
-    ckpt_every: int = 500
+    out_dir: str = "runs/digits"  # checkpoint, metrics.jsonl, tb/, reconstructions.png
+    log_every: int = 50  # steps per metrics line (>= 1)
+    eval_every: int = 500  # steps between test evaluations (0: only at the end)
+    ckpt_every: int = 500  # steps between checkpoints (0: only at the end and on a signal)
     eval_samples: int = 512  # test images per evaluation (0: the whole test set)
-    grid_images: int = 16
-    tensorboard: bool = True
-    progress: bool = True
+    grid_images: int = 16  # test images in reconstructions.png (>= 1)
+    tensorboard: bool = True  # TensorBoard scalars under out_dir/tb
+    progress: bool = True  # progress bar
 
     def __post_init__(self) -> None:
         self.validate()
@@ -111,10 +111,29 @@ class Config:
         need(0 < self.min_var <= self.max_var,
              f"need 0 < min_var <= max_var, got min_var={self.min_var}, "
              f"max_var={self.max_var}")
-        for name in ("latent_len", "vocab_size", "d_model", "num_heads", "num_samples",
-                     "batch_size", "image_size", "channels"):
+        for name in ("latent_len", "d_model", "num_heads", "batch_size", "image_size",
+                     "channels", "steps", "log_every", "grid_images"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        need(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
+        for name in ("eval_every", "ckpt_every", "eval_samples", "num_workers"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.num_samples >= 2, f"num_samples (K) must be >= 2: DAPS weighs K samples "
+             f"against each other, got {self.num_samples}")
+        need(self.vocab_size >= 2, f"vocab_size must be >= 2 (1 code carries 0 bits), got "
+             f"{self.vocab_size}")
+        need(self.num_patches is None or self.num_patches >= 1,
+             f"num_patches must be null or >= 1, got {self.num_patches}")
+        need(bool(self.mlp_hidden) and all(isinstance(h, int) and h >= 1
+                                           for h in self.mlp_hidden),
+             f"mlp_hidden must be a non-empty list of positive ints, got {self.mlp_hidden}")
+        need(self.device == "auto" or _is_device(self.device),
+             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        need(self.kernel_backend in KERNEL_BACKENDS,
+             f"kernel_backend must be null, auto, torch, triton, cuda or cpu, got "
+             f"{self.kernel_backend!r}")
+        if self.kernel_backend in ("cuda", "cpu") and self.device != "auto":
+            need(self.device.split(":")[0] == self.kernel_backend,
+                 f"kernel_backend={self.kernel_backend} runs on {self.kernel_backend} tensors, "
+                 f"but device={self.device}")
         need(self.d_model % self.num_heads == 0,
              f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
         need(self.d_model % 2 == 0, f"d_model must be even (sinusoidal positions), "
@@ -127,6 +146,54 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+KERNEL_BACKENDS = (None, "auto", "torch", "triton", "cuda", "cpu")
+
+# Keys a resumed run may change: they steer the run (length, intervals, where things go,
+# what is shown, how fast) but not the result of any training step. Every other key is fixed
+# by the checkpoint: changing it would make the resumed run a different experiment.
+RUN_CONTROL_KEYS = frozenset({
+    "steps", "log_every", "eval_every", "ckpt_every", "eval_samples", "grid_images",
+    "tensorboard", "progress", "out_dir", "data_path", "num_workers", "threads",
+})
+# Keys `dvae eval` / `dvae reconstruct` may override on a checkpoint's config: the above, and
+# where and how the evaluation runs (the weights are the checkpoint's whatever these say).
+EVAL_KEYS = RUN_CONTROL_KEYS | {"device", "kernel_backend", "fused_linear", "amp",
+                                "batch_size"}
+
+
+def _is_device(name: str) -> bool:
+    kind, _, index = name.partition(":")
+    return kind in ("cpu", "cuda") and (not index or (kind == "cuda" and index.isdigit()))
+
+
+def _field_help() -> dict[str, str]:
+    """Each field's one-line meaning: the comment after its definition in this file."""
+    import inspect
+
+    out: dict[str, str] = {}
+    for line in inspect.getsource(Config).splitlines():
+        stripped = line.strip()
+        name = stripped.split(":", 1)[0]
+        if "#" in stripped and ":" in stripped and name.isidentifier():
+            out[name] = stripped.split("#", 1)[1].strip()
+    return out
+
+
+def keys_help() -> str:
+    """Every config key with its default and meaning (``dvae train --help``)."""
+    meaning = _field_help()
+    default = Config()
+    rows = []
+    for f in dataclasses.fields(Config):
+        value = getattr(default, f.name)
+        shown = "null" if value is None else (str(value).lower() if isinstance(value, bool)
+                                              else str(value).replace(" ", ""))
+        rows.append(f"  {f.name}={shown}".ljust(30) + f"  {meaning.get(f.name, '')}".rstrip())
+    presets = ", ".join(PRESETS)
+    return ("config keys (key=value; defaults shown are the dataclass's, each preset sets its "
+            f"own; presets: {presets}):\n" + "\n".join(rows))
 
 
 # The paper's configurations (DESIGN.md §1 table) and the CPU demo.
@@ -171,24 +238,45 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _coerce(value: Any, current: Any, name: str) -> Any:
-    """Check ``value`` against the type of the field's current value; YAML 1.1 reads ``1e-3``
-    as a string and ``1`` as an int, both fine for a float field."""
-    if isinstance(current, float) and isinstance(value, str):
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list[int]": list}
+
+
+def _coerce(value: Any, name: str) -> Any:
+    """Check ``value`` against the field's declared type; YAML 1.1 reads ``1e-3`` as a string
+    and ``1`` as an int, both fine for a float field."""
+    annotation = {f.name: f.type for f in dataclasses.fields(Config)}[name]
+    optional = annotation.endswith("| None")
+    kind = _TYPES[annotation.removesuffix("| None").strip()]
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} expects a {kind.__name__}, got null")
+    if kind is float and isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
             pass
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if current is not None and value is not None and not isinstance(value, type(current)):
-        raise ValueError(f"{name} expects a {type(current).__name__}, got {value!r}")
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is list:
+        ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok:
+        expected = "list of ints" if kind is list else kind.__name__
+        article = "an" if expected[0] in "aeiou" else "a"
+        raise ValueError(f"{name} expects {article} {expected}"
+                         f"{' or null' if optional else ''}, got {value!r}")
     return value
 
 
-def _parse_value(raw: str, current: Any, name: str) -> Any:
+def _parse_value(raw: str, name: str) -> Any:
     """Parse a command-line value with YAML rules (``1e-3``, ``true``, ``[64, 256]``, ``null``)."""
-    return _coerce(yaml.safe_load(raw), current, name)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ValueError(f"{name}={raw}: not a value (YAML syntax: 1e-3, true, [64, 256], "
+                         "null)") from None
+    return _coerce(value, name)
 
 
 def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()
@@ -207,7 +295,15 @@ def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...
         if not path.is_file():
             raise ValueError(f"--config must be a preset ({', '.join(PRESETS)}) or a YAML "
                              f"file, got {config!r} (no such file)")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise ValueError(f"{path}: not valid YAML{at}: {problem}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"--config {path}: cannot read it: {err}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of config keys, got "
                              f"{type(loaded).__name__}")
@@ -216,21 +312,55 @@ def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...
             raise ValueError(f"{path}: preset must be one of {', '.join(PRESETS)}, got {base!r}")
         values.update(PRESETS[base], preset=base)
         known = {f.name for f in dataclasses.fields(Config)}
-        base_cfg = Config(**values)
         for key, value in loaded.items():
             if key not in known:
                 raise ValueError(f"{path}: unknown config key {key!r}")
-            values[key] = _coerce(value, getattr(base_cfg, key), key)
-    known = {f.name: f for f in dataclasses.fields(Config)}
-    defaults = Config(**{k: v for k, v in values.items() if k in known})
+            values[key] = _coerce(value, key)
+    values.update(parse_overrides(overrides))
+    return Config(**values)
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["lr=1e-3", "mlp_hidden=[8, 9]"]`` -> ``{"lr": 0.001, "mlp_hidden": [8, 9]}``, each
+    value checked against its field's type; an unknown key or a bad value raises."""
+    known = [f.name for f in dataclasses.fields(Config)]
+    values: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"overrides are key=value, got {item!r}")
         key, raw = item.split("=", 1)
+        if key == "preset":
+            raise ValueError(f"preset is chosen with --config {raw or 'NAME'}, not as a "
+                             f"key=value override (got {item!r})")
         if key not in known:
             raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(known)}")
-        values[key] = _parse_value(raw, getattr(defaults, key), key)
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; known keys: {', '.join(known)}")
+        values[key] = _parse_value(raw, key)
+    return values
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], allowed=frozenset()) -> list[str]:
+    """Keys whose values differ between two config dicts, less those in ``allowed``."""
+    return sorted(k for k in new if k not in allowed and old.get(k) != new[k])
+
+
+def resume_config(saved: dict[str, Any], config: str | None,
+                  overrides: list[str] | tuple[str, ...]) -> Config:
+    """The configuration of a resumed run: the checkpoint's, with only run-control keys
+    (:data:`RUN_CONTROL_KEYS`) changed by what the user gave. A result-changing key given
+    with another value than the checkpoint's is refused, naming it. With ``--config`` every
+    key of that preset or file counts as given; without it, only the overrides do."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    saved = {k: v for k, v in saved.items() if k in known}
+    asked = (load_config(config, overrides).to_dict() if config is not None
+             else parse_overrides(overrides))
+    asked = {k: v for k, v in asked.items() if k != "preset" or config is not None}
+    refused = changed_keys(saved, asked, RUN_CONTROL_KEYS)
+    if refused:
+        listing = ", ".join(f"{k}={asked[k]!r} (checkpoint: {saved.get(k)!r})"
+                            for k in refused)
+        raise ValueError(f"--resume keeps the checkpoint's configuration; these would change "
+                         f"the result: {listing}. Start a new run in another out_dir, or use "
+                         "--overwrite")
+    values = dict(saved)
+    values.update({k: v for k, v in asked.items() if k in RUN_CONTROL_KEYS})
     return Config(**values)

@@ -37,11 +37,36 @@ IMAGENET_MEAN = (123.095 / 255, 115.324 / 255, 102.224 / 255)
 IMAGENET_STD = (68.819 / 255, 66.551 / 255, 69.687 / 255)
 
 
-class TensorImages(Dataset):
-    """In-memory images, uint8 (0..255) or float (already in [0, 1]), ``[N, C, H, W]``."""
+def check_images(images: torch.Tensor, source: str) -> torch.Tensor:
+    """Refuse data a run would silently mistrain on: images must be ``[N, C, H, W]``, uint8
+    (0..255) or floating point, finite and in [0, 1] (floats scaled 0..255 are refused, not
+    guessed). ``source`` names the file or dataset in the error."""
+    if images.dim() != 4:
+        raise ValueError(f"{source}: images must be [N, C, H, W] (or [N, H, W] for one "
+                         f"channel), got shape {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        return images
+    if not images.is_floating_point():
+        raise ValueError(f"{source}: images must be uint8 (0..255) or floats in [0, 1], got "
+                         f"{images.dtype}")
+    bad = (~torch.isfinite(images)).sum().item()
+    if bad:
+        raise ValueError(f"{source}: {bad} pixel values are NaN or infinite")
+    lo, hi = images.min().item() if images.numel() else 0.0, \
+        images.max().item() if images.numel() else 0.0
+    if lo < 0 or hi > 1:
+        hint = " (divide by 255, or store uint8)" if hi > 1 else ""
+        raise ValueError(f"{source}: float pixels must lie in [0, 1], got values in "
+                         f"[{lo:g}, {hi:g}]{hint}")
+    return images
 
-    def __init__(self, images: torch.Tensor):
-        self.images = images
+
+class TensorImages(Dataset):
+    """In-memory images, uint8 (0..255) or float (already in [0, 1]), ``[N, C, H, W]``;
+    checked by :func:`check_images` (``source`` names them in errors)."""
+
+    def __init__(self, images: torch.Tensor, source: str = "images"):
+        self.images = check_images(images, source)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -60,31 +85,59 @@ def load_digits_split(seed: int = 0) -> tuple[TensorImages, TensorImages]:
     images = torch.from_numpy(load_digits().images.astype(np.float32) / 16.0)[:, None]
     perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
     images = images[perm]
-    return TensorImages(images[:1500]), TensorImages(images[1500:])
+    return (TensorImages(images[:1500], "digits (train)"),
+            TensorImages(images[1500:], "digits (test)"))
 
 
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:
+        raise ValueError(f"{path}: cannot read it: {err}") from None
     magic = int.from_bytes(data[:4], "big")
-    if magic >> 8 != 0x08:  # 0x08: unsigned bytes
+    if len(data) < 4 or magic >> 8 != 0x08:  # 0x08: unsigned bytes
         raise ValueError(f"{path}: not an IDX file of unsigned bytes (magic {magic:#x})")
     ndim = magic & 0xFF
     dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + int(np.prod(dims))
+    if len(data) != expected:
+        raise ValueError(f"{path}: IDX file of {len(data)} bytes, its header says {expected} "
+                         "(truncated or damaged)")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
+
+
+def _as_nchw(array: np.ndarray, source: str) -> torch.Tensor:
+    """``[N, H, W]`` (one channel) or ``[N, C, H, W]`` as a tensor, validated."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if t.dim() == 3:
+        t = t[:, None]
+    return check_images(t, source)
 
 
 def load_mnist(path: str | os.PathLike) -> tuple[TensorImages, TensorImages]:
     """MNIST from ``path``: an ``.npz`` (keys ``x_train``, ``x_test``) or an IDX folder."""
     p = Path(path)
     if p.is_file():
-        with np.load(p) as d:
+        try:
+            d = np.load(p, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise ValueError(f"data_path {str(p)!r} is not a NumPy .npz archive with x_train "
+                             f"and x_test ({type(err).__name__}: {err})".split("\n")[0]
+                             ) from None
+        if not isinstance(d, np.lib.npyio.NpzFile):
+            raise ValueError(f"data_path {str(p)!r} is a single .npy array; expected an .npz "
+                             "archive with x_train and x_test")
+        with d:
             missing = {"x_train", "x_test"} - set(d.files)
             if missing:
                 raise ValueError(f"{p}: expected keys x_train and x_test, missing "
                                  f"{sorted(missing)} (has {d.files})")
-            train, test = d["x_train"], d["x_test"]
+            try:
+                train, test = d["x_train"], d["x_test"]
+            except (ValueError, OSError, EOFError) as err:
+                raise ValueError(f"{p}: cannot read its arrays: {err}") from None
     elif p.is_dir():
         def find(stem: str) -> Path:
             for name in (stem, stem + ".gz", stem.replace("-idx3", ".idx3") + "",
@@ -97,8 +150,8 @@ def load_mnist(path: str | os.PathLike) -> tuple[TensorImages, TensorImages]:
     else:
         raise ValueError(f"data_path for mnist must be an .npz file or an IDX folder, got "
                          f"{str(path)!r} (not found)")
-    return (TensorImages(torch.from_numpy(np.ascontiguousarray(train))[:, None]),
-            TensorImages(torch.from_numpy(np.ascontiguousarray(test))[:, None]))
+    return (TensorImages(_as_nchw(train, f"{p} (train)"), f"{p} (train)"),
+            TensorImages(_as_nchw(test, f"{p} (test)"), f"{p} (test)"))
 
 
 def load_cifar10(path: str | os.PathLike) -> tuple[TensorImages, TensorImages]:
@@ -110,12 +163,32 @@ def load_cifar10(path: str | os.PathLike) -> tuple[TensorImages, TensorImages]:
         if not f.is_file():
             raise ValueError(f"data_path for cifar10 must be the cifar-10-batches-py folder; "
                              f"{f} is missing")
-        with open(f, "rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
-        return np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        try:
+            with open(f, "rb") as fh:
+                batch = _RestrictedUnpickler(fh, encoding="bytes").load()
+            return np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        except Exception as err:  # any damage in a pickle: one clear line, never code
+            raise ValueError(f"{f}: not a CIFAR-10 python batch ({type(err).__name__}: "
+                             f"{err})".split("\n")[0]) from None
 
     train = np.concatenate([read(f"data_batch_{i}") for i in range(1, 6)])
-    return TensorImages(torch.from_numpy(train)), TensorImages(torch.from_numpy(read("test_batch")))
+    return (TensorImages(torch.from_numpy(train), f"{p} (train)"),
+            TensorImages(torch.from_numpy(read("test_batch")), f"{p} (test)"))
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """CIFAR-10's batches are dicts of bytes, lists and numpy arrays: allow exactly the
+    classes those need, so a doctored file cannot run code."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray",
+                                                             "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
 class ImageFolderImages(Dataset):
@@ -137,6 +210,22 @@ class ImageFolderImages(Dataset):
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
         self.size = size
         self.train = train
+        self._probe()
+
+    def _probe(self, tries: int = 32) -> None:
+        """Fail at once, not at the first batch, when the files cannot be decoded at all."""
+        from PIL import Image
+
+        errors = []
+        for path in self.files[:tries]:
+            try:
+                with Image.open(path) as im:
+                    _to_rgb8(im, path)
+                return
+            except Exception as err:  # PIL raises many kinds for corrupt data
+                errors.append(f"{path}: {type(err).__name__}: {err}")
+        raise ValueError(f"no readable image under {self.root}: the first {len(errors)} "
+                         f"files failed to decode (first: {errors[0]})".split("\n")[0])
 
     def __len__(self) -> int:
         return len(self.files)
@@ -147,7 +236,7 @@ class ImageFolderImages(Dataset):
         from torchvision.transforms import functional as TF
 
         with Image.open(path) as im:
-            im = im.convert("RGB")  # CMYK, palette, greyscale and PNG-in-.JPEG alike
+            im = _to_rgb8(im, path)
         if self.train:
             # torchvision draws crop and flip from the global RNG; fork it so the main
             # process's stream is untouched, and seed it per sample for exact resume.
@@ -163,16 +252,45 @@ class ImageFolderImages(Dataset):
             im = TF.center_crop(TF.resize(im, self.size, antialias=True), self.size)
         return TF.pil_to_tensor(im).float() / 255.0
 
+    def try_load(self, index: int, seed: int = 0) -> torch.Tensor | None:
+        """Image ``index``, or None (with a warning) when its file cannot be decoded."""
+        path = self.files[index]
+        try:
+            return self._load(path, seed)
+        except Exception as err:  # PIL raises many kinds for corrupt data
+            warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}",
+                          stacklevel=2)
+            return None
+
     def __getitem__(self, item) -> tuple[torch.Tensor, int]:
+        """Training access: an unreadable file is replaced by the next readable one (the
+        batch keeps its size), and counted."""
         index, seed = item if isinstance(item, tuple) else (item, 0)
         for attempt in range(len(self.files)):
-            path = self.files[(index + attempt) % len(self.files)]
-            try:
-                return self._load(path, seed), attempt
-            except Exception as err:  # PIL raises many kinds for corrupt data
-                warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}",
-                              stacklevel=2)
-        raise RuntimeError(f"no readable image under {self.root}")
+            image = self.try_load((index + attempt) % len(self.files), seed)
+            if image is not None:
+                return image, attempt
+        raise ValueError(f"no readable image under {self.root}: all {len(self.files)} files "
+                         "failed to decode")
+
+
+def _to_rgb8(im, path):
+    """A PIL image as 8-bit RGB. 16- and 32-bit integer greyscale (``I;16*``, ``I``) is
+    scaled from its full range (PIL's own ``convert`` clips it to 255: a 16-bit PNG would
+    come out almost white); float images (``F``) must lie in [0, 1]."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.float64)
+        full = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) <= 65535 else 2.0 ** 32 - 1
+        a = np.clip(a / full, 0.0, 1.0)
+        return Image.fromarray(np.round(a * 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(a).all() or a.min(initial=0) < 0 or a.max(initial=0) > 1:
+            raise ValueError(f"{path}: float image values must be finite and in [0, 1]")
+        return Image.fromarray(np.round(a * 255).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")  # CMYK, palette, greyscale and PNG-in-.JPEG alike
 
 
 def imagenet_split(root: str | os.PathLike, size: int, train: bool) -> ImageFolderImages:

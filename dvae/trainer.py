@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -25,11 +26,58 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import daps, metrics
-from .config import Config
+from .config import RUN_CONTROL_KEYS, Config, changed_keys
 from .data import Batches, BatchStream, Preprocess, load_datasets, pixel_stats
 from .models import DAPSAutoencoder, build_model
 from .profiling import Phases
+from .rundir import RunDir
 from .train_step import DAPSTrainStep
+
+# The paper's optax.apply_if_finite(100): so many non-finite steps in a row end the run.
+MAX_CONSECUTIVE_SKIPS = 100
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the run finished its step and saved its checkpoint."""
+
+    def __init__(self, signum: int, step: int, path):
+        self.signum, self.step, self.path = signum, step, path
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} at step {step}; checkpoint saved to {path} "
+                         "(continue with --resume)")
+
+
+class TrainingDiverged(ValueError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def check_kernel_backend(cfg: Config, device: torch.device) -> None:
+    """Refuse, before any work, a ``kernel_backend`` that cannot serve every op the run calls
+    on ``device`` (e.g. ``cuda`` on a CPU, or ``cpu`` with ``fused_linear=always``: the cpu
+    backend has no fused sampler)."""
+    import importlib
+
+    from dvae_kernels import _dispatch
+
+    backend = _dispatch.requested_backend(cfg.kernel_backend)
+    if backend is None:
+        return
+    fused = cfg.fused_linear == "always" or (cfg.fused_linear == "auto"
+                                             and device.type == "cuda")
+    ops = ["daps_weights", "linear_token_logprobs"]
+    ops += ["solve_eta"] if cfg.eta_mode == "solved" else []
+    ops += ["linear_sample_tokens"] if fused else ["token_logprobs", "weighted_token_nll"]
+    unavailable = _dispatch.backend_unavailable(backend, device)
+    if unavailable:
+        raise ValueError(f"kernel_backend={backend} cannot run on device {device}: "
+                         f"{unavailable}")
+    lacking = [op for op in ops
+               if backend not in importlib.import_module(f"dvae_kernels.{op}").SUPPORTS]
+    if lacking:
+        raise ValueError(f"kernel_backend={backend} has no implementation of "
+                         f"{', '.join(lacking)}, which this run calls (fused_linear="
+                         f"{cfg.fused_linear} on {device.type}); use kernel_backend=auto or "
+                         "torch" + (", or fused_linear=never" if fused else ""))
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -59,12 +107,21 @@ def evaluate(model: DAPSAutoencoder, dataset, preprocess: Preprocess, cfg: Confi
     sums = {"beta_elbo": 0.0, "log_px": 0.0, "kl": 0.0, "psnr": 0.0, "ssim": 0.0}
     all_tokens = []
     first = None
+    evaluated = unreadable = 0
     for start in range(0, n, bs):
         idx = torch.arange(start, min(start + bs, n))
         if isinstance(dataset, TensorImages):
             x01 = dataset.batch(idx)
         else:
-            x01 = torch.stack([dataset[(int(i), 0)][0] for i in idx])
+            # An unreadable test file is left out, not replaced by its neighbour (that
+            # would count one image twice); eval_unreadable reports how many.
+            images = [dataset.try_load(int(i)) for i in idx]
+            unreadable += sum(im is None for im in images)
+            images = [im for im in images if im is not None]
+            if not images:
+                continue
+            x01 = torch.stack(images)
+        evaluated += x01.shape[0]
         x01 = x01.to(device)
         x = preprocess(x01)
         tokens, _ = model.sample(x, 1, generator=g)
@@ -85,9 +142,13 @@ def evaluate(model: DAPSAutoencoder, dataset, preprocess: Preprocess, cfg: Confi
         all_tokens.append(tokens.cpu())
         if first is None:
             first = (target[:cfg.grid_images].cpu(), recon[:cfg.grid_images].cpu())
-    out = {k: v / n for k, v in sums.items()}
+    if evaluated == 0:
+        raise ValueError(f"no test image could be read ({unreadable} unreadable files)")
+    out = {k: v / evaluated for k, v in sums.items()}
     out.update(metrics.codebook_stats(torch.cat(all_tokens), model.vocab_size))
-    out["eval_images"] = n
+    out["eval_images"] = evaluated
+    if unreadable:
+        out["eval_unreadable"] = unreadable
     if grid_path is not None and first is not None:
         save_grid(first[0], first[1], grid_path)
     model.train(was_training)
@@ -115,13 +176,30 @@ class Trainer:
     ``out_dir/checkpoint.pt`` exactly: models, optimisers, η, step, RNG states and the data
     position."""
 
-    def __init__(self, cfg: Config, *, resume: bool = False):
+    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False):
         self.cfg = cfg
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = pick_device(cfg.device, local_rank)
+        check_kernel_backend(cfg, self.device)
+        self.rundir = None
+        if int(os.environ.get("RANK", "0")) == 0:
+            # Before any work: the folder is writable, ours alone, and holds no other run.
+            self.rundir = RunDir(cfg.out_dir)
+            try:
+                self.rundir.claim(resume=resume, overwrite=overwrite)
+            except BaseException:
+                self.rundir.release()
+                raise
+        try:
+            self._build(cfg, resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg: Config, resume: bool) -> None:
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
         if self.distributed and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.rank = dist.get_rank() if self.distributed else 0
@@ -153,11 +231,18 @@ class Trainer:
         self.step = 0
         self.batches_consumed = 0
         self.files_skipped = 0
+        self._writer = None
+        self.start_step = 0
         if resume and self.ckpt_path.is_file():
             self.load(self.ckpt_path)
+            self.start_step = self.step
+        if self.rundir is not None:
+            self.rundir.cut_back(self.step)
         self.batches = Batches(self.train_set, self.stream, cfg.num_workers)
-        self._writer = None
         self.last_eval: dict[str, float] = {}
+        self._stop_signal: int | None = None
+        self._consecutive = torch.zeros((), device=self.device)
+        self._max_consecutive = torch.zeros((), device=self.device)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -191,7 +276,21 @@ class Trainer:
 
     def load(self, path) -> None:
         state = ckpt.load(path, map_location="cpu")
-        self.model.load_state_dict(state["model"])
+        saved = state["config"]
+        refused = changed_keys(saved, self.cfg.to_dict(), RUN_CONTROL_KEYS)
+        if refused:
+            listing = ", ".join(f"{k}={getattr(self.cfg, k)!r} (checkpoint: {saved.get(k)!r})"
+                                for k in refused)
+            raise ValueError(f"cannot resume {path}: the configuration differs in keys that "
+                             f"change the result: {listing}")
+        if int(state["step"]) > self.cfg.steps:
+            raise ValueError(f"cannot resume {path}: it is at step {int(state['step'])}, past "
+                             f"steps={self.cfg.steps}; give steps >= {int(state['step'])}")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise ValueError(f"checkpoint {str(path)!r}: its weights do not fit the model its "
+                             f"config describes: {str(err).splitlines()[0]}") from None
         self.step_fn.optimizer.load_state_dict(state["optimizer"])
         if self.step_fn.eta_optimizer is not None and state["eta_optimizer"] is not None:
             self.step_fn.eta_optimizer.load_state_dict(state["eta_optimizer"])
@@ -217,21 +316,24 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if self.rank != 0:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.cfg.tensorboard:
             if self._writer is None:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
-                    self._writer = SummaryWriter(str(self.out_dir / "tb"))
+
+                    # purge_step drops events a killed run wrote after its last checkpoint
+                    self._writer = SummaryWriter(str(self.out_dir / "tb"),
+                                                 purge_step=self.start_step + 1)
                 except Exception as err:  # tensorboard missing or broken: keep training
                     warnings.warn(f"TensorBoard disabled: {err}", stacklevel=2)
                     self.cfg.tensorboard = False
                     return
             split = record.get("split", "train")
             for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                if isinstance(v, (int, float)) and k not in ("step", "time") \
+                        and not isinstance(v, bool):
                     self._writer.add_scalar(f"{split}/{k}", v, record["step"])
             self._writer.flush()
 
@@ -247,14 +349,64 @@ class Trainer:
 
     def run(self, until: int | None = None) -> dict[str, float]:
         """Train up to step ``until`` (default: ``cfg.steps``); returns the last logged
-        training metrics, and evaluation metrics under ``test_*`` when an evaluation ran."""
+        training metrics, and evaluation metrics under ``test_*`` when an evaluation ran.
+
+        SIGINT and SIGTERM let the current step finish, save the checkpoint and raise
+        :class:`Interrupted`. :data:`MAX_CONSECUTIVE_SKIPS` non-finite steps in a row raise
+        :class:`TrainingDiverged`.
+        """
+        previous = self._install_signal_handlers()
+        try:
+            return self._run(until)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _install_signal_handlers(self) -> dict:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # a second signal: stop now, unsaved
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, handler)
+        return previous
+
+    def _stop_requested(self, collective: bool) -> bool:
+        flag = self._stop_signal is not None
+        if self.distributed and collective:
+            t = torch.tensor([float(self._stop_signal or 0)], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if t.item() > 0 and self._stop_signal is None:
+                self._stop_signal = int(t.item())
+            flag = t.item() > 0
+        return flag and (not self.distributed or collective)
+
+    def _check_diverged(self) -> None:
+        worst = int(self._max_consecutive.item())
+        if worst >= MAX_CONSECUTIVE_SKIPS:
+            raise TrainingDiverged(
+                f"{worst} consecutive steps up to step {self.step} had a non-finite loss or "
+                f"gradient (the limit is {MAX_CONSECUTIVE_SKIPS}); the run stopped. Check the "
+                f"data for NaN/inf, or lower lr (now {self.cfg.lr})")
+
+    def _run(self, until: int | None) -> dict[str, float]:
         cfg = self.cfg
         end = cfg.steps if until is None else min(until, cfg.steps)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=end, initial=self.step, disable=not cfg.progress or self.rank != 0,
                    desc="dvae train", dynamic_ncols=True)
+        # Window sums of each metric over the steps that trained (a skipped step's loss is
+        # not finite and would turn the average into NaN), and the count of those steps.
         window: dict[str, torch.Tensor] = {}
+        trained = torch.zeros((), device=self.device)
         count = 0
         t0 = time.perf_counter()
         last: dict[str, float] = {}
@@ -264,22 +416,34 @@ class Trainer:
             self.files_skipped += skipped
             x = self.preprocess(x01.to(self.device, non_blocking=True))
             m = self.step_fn(x, self.step)
+            bad = m.pop("skipped").float()
+            ok = 1.0 - bad
             for k, v in m.items():
-                window[k] = window.get(k, 0) + v.float()
+                window[k] = window.get(k, 0) + torch.where(ok > 0, v.float(), 0.0)
+            trained = trained + ok
+            self._consecutive = (self._consecutive + bad) * bad
+            self._max_consecutive = torch.maximum(self._max_consecutive, self._consecutive)
             count += 1
             self.step += 1
             bar.update(1)
             done = self.step == end
-            if self.step % cfg.log_every == 0 or done:
+            log_now = self.step % cfg.log_every == 0 or done
+            if log_now or self.step % MAX_CONSECUTIVE_SKIPS == 0:
+                self._check_diverged()
+            if log_now:
                 elapsed = time.perf_counter() - t0
-                last = {k: (v / count).item() for k, v in window.items()}
-                last["skipped"] = float(self.step_fn.skipped.item())
+                n_ok = int(trained.item())
+                last = {k: ((v / n_ok).item() if n_ok else None) for k, v in window.items()}
+                last["skipped_in_window"] = count - n_ok
+                last["skipped"] = int(self.step_fn.skipped.item())
                 last["files_skipped"] = self.files_skipped
                 last["ms_per_step"] = 1000 * elapsed / count
                 self._log({"split": "train", "step": self.step, **last})
-                bar.set_postfix(loss=f"{last['loss']:.2f}", log_px=f"{last['log_px']:.1f}",
-                                ess=f"{last['ess_frac']:.2f}", eta=f"{last['eta']:.3g}")
+                if n_ok:
+                    bar.set_postfix(loss=f"{last['loss']:.2f}", log_px=f"{last['log_px']:.1f}",
+                                    ess=f"{last['ess_frac']:.2f}", eta=f"{last['eta']:.3g}")
                 window, count, t0 = {}, 0, time.perf_counter()
+                trained = torch.zeros((), device=self.device)
             evaluate_now = cfg.eval_every > 0 and self.step % cfg.eval_every == 0
             if (evaluate_now or (done and self.step == cfg.steps)) and self.rank == 0:
                 res = self.evaluate()
@@ -288,22 +452,36 @@ class Trainer:
                           f"{res['codebook_usage']:.2f}")
             if self.distributed and (evaluate_now or done):
                 dist.barrier()
-            if (cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0) or done:
+            stop = self._stop_requested(collective=log_now or done)
+            if (cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0) or done or stop:
                 self.save()
+            if stop:
+                bar.close()
+                raise Interrupted(self._stop_signal, self.step, self.ckpt_path)
         bar.close()
         out = dict(last)
         out.update({f"test_{k}": v for k, v in self.last_eval.items()})
         return out
 
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
-        if self._writer is not None:
+        """Flush TensorBoard and release the out_dir lock (also on garbage collection)."""
+        if getattr(self, "_writer", None) is not None:
             self._writer.close()
             self._writer = None
+        if getattr(self, "rundir", None) is not None:
+            self.rundir.release()
+            self.rundir = None
 
 
-def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[str, float]:
     """Train from a config (the ``dvae train`` command)."""
-    trainer = Trainer(cfg, resume=resume)
+    trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
     try:
         return trainer.run()
     finally:

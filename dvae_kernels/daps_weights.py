@@ -168,6 +168,9 @@ def check_rewards_logq(rewards, logq) -> None:
     _validate.check_float("logq", logq)
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [N, K], got {_validate.describe(rewards)}")
+    if rewards.shape[1] == 0:
+        raise ValueError(f"rewards must hold K >= 1 samples per row, got "
+                         f"{_validate.describe(rewards)}")
     if logq.shape != rewards.shape:
         raise ValueError(f"logq must have the shape of rewards {tuple(rewards.shape)}, got "
                          f"{_validate.describe(logq)}")

@@ -465,6 +465,8 @@ def check_linear(hidden: torch.Tensor, weight: torch.Tensor, bias) -> None:
     _validate.check_float("weight", weight)
     if hidden.dim() < 1:
         raise ValueError("hidden must have a hidden dimension [..., D], got a 0-d tensor")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have a hidden size D >= 1, got {_validate.describe(hidden)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"weight must be [V, D] with D = hidden.shape[-1] = {hidden.shape[-1]}, got "
@@ -533,19 +535,28 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
 
     A position whose logits are all -inf or hold NaN or +inf gives NaN.
     """
+    logp, entropy = linear_logprobs_entropy(hidden, weight, tokens, bias, backend,
+                                            "linear_token_logprobs")
+    return (logp, entropy) if return_entropy else logp
+
+
+def linear_logprobs_entropy(hidden, weight, tokens, bias, backend, op: str):
+    """(logp, entropy) of :func:`linear_token_logprobs`; ``op`` names the public function in
+    error messages (the weighted NLL calls this too)."""
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
-    check_linear(hidden, weight, bias)
-    _validate.check_logits_tokens(hidden, tokens, logits_name="hidden")
+    try:
+        check_linear(hidden, weight, bias)
+        _validate.check_logits_tokens(hidden, tokens, logits_name="hidden")
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{op}: {err}") from None
     V = weight.shape[0]
     _validate.check_token_range(tokens, V)
-    name = _dispatch.select("linear_token_logprobs", SUPPORTS, backend, hidden.device,
+    name = _dispatch.select(op, SUPPORTS, backend, hidden.device,
                             hidden=hidden, weight=weight, tokens=tokens, bias=bias)
     lead = hidden.shape[:-1]
     x, w, b, t = flatten_linear(hidden, weight, bias, tokens)
     logp, _, entropy = _op(x, w, t, b, name)
-    if return_entropy:
-        return logp.view(lead), entropy.view(lead)
-    return logp.view(lead)
+    return logp.view(lead), entropy.view(lead)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,11 @@ from typing import Optional
 import torch
 
 from . import _validate
-from .linear_token_logprobs import SUPPORTS, linear_token_logprobs  # noqa: F401 (re-exported)
+from .linear_token_logprobs import (  # noqa: F401 (SUPPORTS, linear_token_logprobs re-exported)
+    SUPPORTS,
+    linear_logprobs_entropy,
+    linear_token_logprobs,
+)
 
 
 def linear_weighted_token_nll(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
@@ -56,7 +60,8 @@ def linear_weighted_token_nll(hidden: torch.Tensor, weight: torch.Tensor, tokens
     _validate.check_tensor("hidden", hidden)
     _validate.check_tensor("tokens", tokens)
     w = _validate.token_weights(weights, tokens, hidden.device, "hidden")
-    logp = linear_token_logprobs(hidden, weight, tokens, bias, backend=backend)
+    logp, _ = linear_logprobs_entropy(hidden, weight, tokens, bias, backend,
+                                      "linear_weighted_token_nll")
     loss = -(w.to(logp.dtype) * logp)
     if reduction == "none":
         return loss

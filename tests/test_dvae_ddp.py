@@ -7,6 +7,7 @@ import socket
 import torch
 import torch.multiprocessing as mp
 
+from dvae.checkpoint import load
 from dvae.config import load_config
 
 
@@ -49,5 +50,5 @@ def test_two_process_ddp_on_gloo(tmp_path):
         assert torch.equal(v, r1["final"][k]), f"ranks disagree on {k}"
         changed |= not torch.equal(v, r0["init"][k])
     assert changed
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = load(tmp_path / "checkpoint.pt")
     assert state["step"] == 3 and len(state["generators"]) == 2

@@ -65,6 +65,7 @@ def test_exact_resume_is_bitwise(tmp_path):
         first = Trainer(_tiny(tmp_path / f"b_{mode}", eta_mode=mode))
         first.run(until=3)
         first.save()
+        first.close()
         resumed = Trainer(_tiny(tmp_path / f"b_{mode}", eta_mode=mode), resume=True)
         assert resumed.step == 3 and resumed.batches_consumed == 3
         resumed.run()
