@@ -111,7 +111,10 @@ def scalar(name: str, value, device: torch.device, *, minimum: float | None = No
             raise TypeError(f"{name} must be floating point, got {describe(value)}")
         if value.device != device and value.device.type != "cpu":
             raise ValueError(f"{name} must be on {device} (or the CPU), got {describe(value)}")
-        if value.device.type == "cpu" and not torch.compiler.is_compiling():
+        # Tensor values are read only where value checks are on (never on CUDA tensors: a
+        # sync); under no_value_checks() a NaN eta computed on the device propagates as NaN
+        # (the step is then skipped), as it does on CUDA.
+        if value.device.type == "cpu" and values_checkable(value):
             _check_scalar_value(name, float(value.detach()), minimum, strict)
         out = value.to(device=device, dtype=torch.float32 if value.dtype != torch.float64
                        else torch.float64)
