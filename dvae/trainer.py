@@ -7,7 +7,8 @@ logs, evaluates and writes checkpoints. Outputs in ``cfg.out_dir``:
     metrics.jsonl        one JSON object per logging interval / evaluation
     tb/                  TensorBoard scalars
     reconstructions.png  originals (top) above their reconstructions (bottom), test images
-    checkpoint.pt        the latest checkpoint (atomic); ``resume=true`` continues from it
+    checkpoint.pt        the latest checkpoint (atomic, checksummed); ``--resume`` continues it
+    .dvae.lock           held while a run is alive (one run per out_dir)
 """
 
 from __future__ import annotations
