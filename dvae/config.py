@@ -30,6 +30,7 @@ class Config:
     min_var: float = 0.01  # Gaussian variance clip (ImageNet: [0.01, 1])
     max_var: float = 1.0  # upper clip of the Gaussian variance
     num_workers: int = 0  # DataLoader workers (ImageFolder only; in-memory sets use none)
+    eval_protocol: str = "paper"  # test images: paper (whole image resized) | center_crop
     # --- model ---
     latent_len: int = 4  # L tokens per image
     vocab_size: int = 64  # V
@@ -101,6 +102,8 @@ class Config:
              f"likelihood must be 'bernoulli' or 'gaussian', got {self.likelihood!r}")
         need(self.decoder in ("mlp", "resnet"),
              f"decoder must be 'mlp' or 'resnet', got {self.decoder!r}")
+        need(self.eval_protocol in ("paper", "center_crop"),
+             f"eval_protocol must be 'paper' or 'center_crop', got {self.eval_protocol!r}")
         need(self.fused_linear in ("auto", "always", "never"),
              f"fused_linear must be auto, always or never, got {self.fused_linear!r}")
         need(self.eta_mode in ("learned", "solved"),
@@ -156,6 +159,7 @@ KERNEL_BACKENDS = (None, "auto", "torch", "triton", "cuda", "cpu")
 RUN_CONTROL_KEYS = frozenset({
     "steps", "log_every", "eval_every", "ckpt_every", "eval_samples", "grid_images",
     "tensorboard", "progress", "out_dir", "data_path", "num_workers", "threads",
+    "eval_protocol",
 })
 # Keys `dvae eval` / `dvae reconstruct` may override on a checkpoint's config: the above, and
 # where and how the evaluation runs (the weights are the checkpoint's whatever these say).
@@ -233,7 +237,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_heads=4, enc_layers=2, dec_layers=2, decoder="resnet", resnet_hidden=64,
         resnet_blocks=2, num_samples=8, ess_target=0.25, beta_start=50.0, beta_end=1.0,
         steps=300_000, batch_size=64, num_workers=8, log_every=500, eval_every=5000,
-        ckpt_every=5000, eval_samples=10_000, out_dir="runs/imagenet256",
+        # the paper's evaluation: all 50,000 validation images, each resized whole to 256x256
+        ckpt_every=5000, eval_samples=0, eval_protocol="paper", out_dir="runs/imagenet256",
     ),
 }
 
@@ -339,7 +344,9 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], allowed=frozenset()) -> list[str]:
-    """Keys whose values differ between two config dicts, less those in ``allowed``."""
+    """Keys whose values differ between two config dicts, less those in ``allowed``. A key
+    ``old`` lacks (a checkpoint written before the key existed) takes its default there."""
+    old = {**Config().to_dict(), **old}
     return sorted(k for k in new if k not in allowed and old.get(k) != new[k])
 
 

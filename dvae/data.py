@@ -9,9 +9,10 @@ the model sees (binarised for a Bernoulli likelihood, standardised per channel f
 * ``cifar10``: the python pickle folder (``data_batch_1..5``, ``test_batch``).
 * ``imagenet256``: an ImageFolder tree (``root/train/<class>/*``, ``root/val/<class>/*``, or
   class folders directly under ``root``); the paper's transforms (random resized crop and
-  horizontal flip for training, resize and centre crop for evaluation). Any file PIL can
-  decode is used (CMYK and PNG-disguised JPEGs included); an unreadable file is skipped with a
-  warning and counted in the batch's ``skipped`` entry.
+  horizontal flip for training; for evaluation the paper's protocol, the whole image resized
+  to the target size, or ``eval_protocol=center_crop``: resize the short side, centre crop).
+  Any file PIL can decode is used (CMYK and PNG-disguised JPEGs included); an unreadable file
+  is skipped with a warning and counted in the batch's ``skipped`` entry.
 
 :class:`BatchStream` yields index batches from a seeded permutation per epoch; its state (epoch,
 position) is a checkpoint field, so a resumed run sees exactly the batches it would have seen.
@@ -199,7 +200,12 @@ class ImageFolderImages(Dataset):
     the unreadable files passed over to reach a readable one (the next ones in order).
     """
 
-    def __init__(self, root: str | os.PathLike, size: int, train: bool):
+    def __init__(self, root: str | os.PathLike, size: int, train: bool,
+                 eval_protocol: str = "paper"):
+        if eval_protocol not in ("paper", "center_crop"):
+            raise ValueError(f"eval_protocol must be 'paper' or 'center_crop', got "
+                             f"{eval_protocol!r}")
+        self.eval_protocol = eval_protocol
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"ImageFolder root {str(root)!r} is not a directory")
@@ -248,6 +254,10 @@ class ImageFolderImages(Dataset):
             im = TF.resized_crop(im, top, left, h, w, [self.size, self.size], antialias=True)
             if flip:
                 im = TF.hflip(im)
+        elif self.eval_protocol == "paper":
+            # the authors' evaluation: the whole image resized to size x size (aspect ratio
+            # not kept), nothing cropped away
+            im = TF.resize(im, [self.size, self.size], antialias=True)
         else:
             im = TF.center_crop(TF.resize(im, self.size, antialias=True), self.size)
         return TF.pil_to_tensor(im).float() / 255.0
@@ -293,10 +303,11 @@ def _to_rgb8(im, path):
     return im.convert("RGB")  # CMYK, palette, greyscale and PNG-in-.JPEG alike
 
 
-def imagenet_split(root: str | os.PathLike, size: int, train: bool) -> ImageFolderImages:
+def imagenet_split(root: str | os.PathLike, size: int, train: bool,
+                   eval_protocol: str = "paper") -> ImageFolderImages:
     """``root/train`` or ``root/val`` when present, else ``root`` itself."""
     sub = Path(root) / ("train" if train else "val")
-    return ImageFolderImages(sub if sub.is_dir() else root, size, train)
+    return ImageFolderImages(sub if sub.is_dir() else root, size, train, eval_protocol)
 
 
 class Preprocess:
@@ -434,7 +445,7 @@ def load_datasets(cfg) -> tuple[Dataset, Dataset]:
         return load_cifar10(cfg.data_path)
     if cfg.dataset == "imagenet256":
         return (imagenet_split(cfg.data_path, cfg.image_size, True),
-                imagenet_split(cfg.data_path, cfg.image_size, False))
+                imagenet_split(cfg.data_path, cfg.image_size, False, cfg.eval_protocol))
     if cfg.dataset == "synthetic":
         g = torch.Generator().manual_seed(cfg.seed)
         shape = (cfg.channels, cfg.image_size, cfg.image_size)

@@ -70,7 +70,14 @@ class DAPSTrainStep:
 
     def autocast(self):
         if self.use_amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def fp32(self):
+        """Autocast off: the encoder's output layer (sampling, log q) runs in float32, as in
+        the reference, so that the proposal and the q in the weights are the same numbers."""
+        if self.use_amp:
+            return torch.autocast(self.device.type, enabled=False)
         return contextlib.nullcontext()
 
     def beta(self, step: int) -> float:
@@ -83,8 +90,12 @@ class DAPSTrainStep:
             return None  # the encoder's own Gumbel-max sampler on the materialised logits
         head = self.raw.encoder.head
         backend = self.cfg.kernel_backend
-        return lambda h, g: dvae_kernels.linear_sample_tokens(h, head.weight, head.bias,
-                                                              generator=g, backend=backend)
+
+        def sample(h, g):
+            with self.fp32():
+                return dvae_kernels.linear_sample_tokens(h.float(), head.weight, head.bias,
+                                                         generator=g, backend=backend)
+        return sample
 
     def __call__(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         # The tokens are the step's own samples, in [0, V) by construction: the ops need not
@@ -107,8 +118,9 @@ class DAPSTrainStep:
         logpx, hidden = out["logpx"], out["hidden"]
         head = raw.encoder.head
         with ph("teacher_forced"):
-            # under autocast: the fused linear ops cast hidden and weight to one dtype
-            with self.autocast():
+            # log q in float32 (autocast off), as the reference computes it
+            hidden = hidden.float()
+            with self.fp32():
                 if self.fused:
                     # One fused pass, kept differentiable: the encoder loss below weights
                     # these same log-probabilities (no second pass over the vocabulary).
@@ -128,7 +140,7 @@ class DAPSTrainStep:
                                     cfg.eta_mode, backend=backend)
             weights, ess = dvae_kernels.daps_weights(rewards, logq, beta, eta, backend=backend)
         with ph("losses"):
-            with self.autocast():
+            with self.fp32():
                 if self.fused:
                     # = linear_weighted_token_nll(hidden, W, tokens, w[..., None]) / N
                     l_enc = -(weights.detach()[..., None] * logp_tok).sum() / tokens.shape[0]

@@ -97,7 +97,7 @@ class DAPSAutoencoder(nn.Module):
         N, K, L = tokens.shape
         phase = phases if phases is not None else (lambda name: contextlib.nullcontext())
         with phase("reward"):
-            params = self.decoder(tokens.reshape(N * K, L))
+            params = self.decoder(tokens.reshape(N * K, L), groups=K)
             logpx = self.likelihood.log_prob(params.view(N, K, *params.shape[1:]), x[:, None])
         with phase("teacher_forced"):
             hidden = self.encoder.teacher_forced(self.encoder.encode(x), tokens)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import init
 from .patches import Patcher
 
 
@@ -81,14 +82,47 @@ class MLPDecoder(nn.Module):
         self.channels = C
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                init.lecun_normal_(m)
+        init.embedding_(self.embed)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """tokens [B, L] -> [B, C*m, H, W] (``groups`` is unused: no batch statistics)."""
         B = tokens.shape[0]
         h = self.body(self.embed(tokens).reshape(B, -1))
         C, _, H, W = self.channels, *self.out_shape
-        return torch.cat([head(h).view(B, C, H, W) for head in self.heads], dim=1)
+        with torch.autocast(h.device.type, enabled=False):  # likelihood parameters in fp32
+            h = h.float()
+            return torch.cat([head(h).view(B, C, H, W) for head in self.heads], dim=1)
+
+
+class SampleBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are taken per sample index k, over the N images of
+    a batch laid out ``[N, K]`` (flattened to N·K rows, image-major), as the reference's
+    decoder computes them (it maps the decoder over the K samples). ``groups`` = K is set by
+    the decoder for each call; with ``groups=1`` this is plain BatchNorm. The running averages
+    (used in evaluation) move by the mean over k of the per-k statistics, with the reference's
+    flax momentum 0.99 (torch's ``momentum=0.01``)."""
+
+    def __init__(self, ch: int):
+        super().__init__(ch, momentum=0.01)
+        self.groups = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        K = self.groups
+        if not self.training or K == 1:
+            return super().forward(x)
+        B, C, H, W = x.shape
+        xg = x.view(B // K, K, C, H, W)
+        var, mean = torch.var_mean(xg.float(), dim=(0, 3, 4), unbiased=False, keepdim=True)
+        y = (xg - mean) * torch.rsqrt(var + self.eps)
+        y = y * self.weight.view(1, 1, C, 1, 1) + self.bias.view(1, 1, C, 1, 1)
+        with torch.no_grad():
+            n = (B // K) * H * W
+            unbiased = var.view(K, C) * (n / max(n - 1, 1))
+            self.running_mean.lerp_(mean.view(K, C).mean(0), self.momentum)
+            self.running_var.lerp_(unbiased.mean(0), self.momentum)
+            self.num_batches_tracked += 1
+        return y.view(B, C, H, W).to(x.dtype)
 
 
 class ResidualBlock(nn.Module):
@@ -97,9 +131,9 @@ class ResidualBlock(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
         self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(ch)
+        self.bn1 = SampleBatchNorm2d(ch)
         self.conv2 = nn.Conv2d(ch, ch, 1)
-        self.bn2 = nn.BatchNorm2d(ch)
+        self.bn2 = SampleBatchNorm2d(ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn1(self.conv1(F.relu(x)))
@@ -135,13 +169,25 @@ class ResNetDecoder(nn.Module):
             out = final if i == n_up - 1 else max(ch // 2, final)
             ups.append(nn.ConvTranspose2d(ch, out, 4, stride=2, padding=1))
             if i < n_up - 1:
-                ups += [nn.BatchNorm2d(out), nn.ReLU()]
+                ups += [SampleBatchNorm2d(out), nn.ReLU()]
             ch = out
         self.up = nn.Sequential(*ups)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                init.lecun_normal_(m)
+        init.embedding_(self.embed)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """tokens [B, L] -> [B, C*m, H, W]; ``groups`` = K when B = N·K rows hold K samples
+        per image (image-major): batch statistics are then per sample index."""
+        for m in self.modules():
+            if isinstance(m, SampleBatchNorm2d):
+                m.groups = groups
         B = tokens.shape[0]
         gh, gw = self.grid
         e = self.embed(tokens).view(B, gh, gw, -1).permute(0, 3, 1, 2)
         h = F.relu(self.blocks(self.stem(e)))
-        return self.patcher.crop(self.up(h))
+        for layer in self.up[:-1]:
+            h = layer(h)
+        with torch.autocast(h.device.type, enabled=False):  # likelihood parameters in fp32
+            return self.patcher.crop(self.up[-1](h.float()))

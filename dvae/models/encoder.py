@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import init
 from .patches import Patcher
 
 
@@ -192,11 +193,20 @@ class ARTransformerEncoder(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        """The reference's init (see :mod:`dvae.models.init`): Xavier-uniform transformer
+        layers with q, k, v as separate (d, d) projections, a lecun-normal patch projection,
+        N(0, 1) token embeddings, zero biases."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, SelfAttention):
+                init.xavier_per_projection_(m.qkv.weight, 3)
+            elif isinstance(m, CrossAttention):
+                init.xavier_per_projection_(m.kv.weight, 2)
+        init.lecun_normal_(self.patch_proj)
         nn.init.normal_(self.tok_embed.weight, std=1.0)
 
     # -- the bidirectional part ----------------------------------------------------------------
@@ -278,7 +288,8 @@ class ARTransformerEncoder(nn.Module):
 
     def _default_sampler(self, temperature: float):
         def sample(hidden: torch.Tensor, generator: torch.Generator | None):
-            logits = self.head(hidden).float()
+            with torch.autocast(hidden.device.type, enabled=False):  # log q in float32
+                logits = self.head(hidden.float())
             logq = torch.log_softmax(logits, dim=-1)
             scaled = logq if temperature == 1.0 else torch.log_softmax(logits / temperature, -1)
             # Gumbel-max: argmax(log p + G) ~ Categorical(p), one uniform draw per entry.
