@@ -217,3 +217,18 @@ def test_drop_in_specs_reference_matches_the_op(name):
     providers = {p.name: p for p in harness.providers_for(spec, torch.device("cpu"),
                                                           compile_reference=False)}
     assert providers["torch"].unavailable is None
+
+
+def test_memory_target_check_covers_llm_vocabularies():
+    from bench import memory
+
+    def row(provider, V, nbytes):
+        return {"provider": provider, "N": 8192, "D": 128, "V": V, "extra_bytes": nbytes}
+
+    rows = [row("materialised", 50257, 800), row("fused", 50257, 100),
+            row("materialised", 131072, 800), row("fused", 131072, 101),
+            row("materialised", 1024, 10), row("fused", 1024, 10)]
+    lines = memory.target_check(rows)
+    assert len(lines) == 2  # V = 1024 carries no target
+    assert "V=50257: met (0.1250)" in lines[0] and "V=131072: NOT met" in lines[1]
+    assert 50257 in memory.parse_args([]).v and 131072 in memory.parse_args([]).v
