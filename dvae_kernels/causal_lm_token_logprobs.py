@@ -71,7 +71,12 @@ def causal_lm_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
     if tuple(input_ids.shape) != tuple(hidden.shape[:2]):
         raise ValueError(f"input_ids must be [B, T] = {list(hidden.shape[:2])} (hidden's "
                          f"leading shape), got {_validate.describe(input_ids)}")
-    _validate.check_same_device(hidden=hidden, input_ids=input_ids)
+    _validate.check_float("lm_head_weight", lm_head_weight)
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"lm_head_weight must be [V, D] with D = hidden.shape[-1] = "
+                         f"{hidden.shape[-1]}, got {_validate.describe(lm_head_weight)}")
+    _validate.check_same_device(hidden=hidden, lm_head_weight=lm_head_weight,
+                                input_ids=input_ids)
     targets = input_ids[:, 1:]
     if attention_mask is not None:
         _validate.check_tensor("attention_mask", attention_mask)
@@ -92,8 +97,17 @@ def causal_lm_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
         targets = torch.where(keep, targets, torch.zeros_like(targets))
     else:
         keep = None
-    out = linear_token_logprobs(hidden[:, :-1], lm_head_weight, targets, lm_head_bias,
-                                return_entropy=return_entropy, backend=backend)
+    V = lm_head_weight.shape[0]
+    if targets.numel() and _validate.values_checkable(targets):
+        bad = (targets < 0) | (targets >= V)
+        if bool(bad.any()):
+            raise ValueError(
+                f"input_ids must lie in [0, V) = [0, {V}) where attention_mask is 1, got "
+                f"{int(bad.sum())} out of range (first: {targets[bad][0].item()}) in "
+                f"input_ids of {_validate.describe(input_ids)}")
+    with _validate.no_value_checks():  # the range was checked above, under its own name
+        out = linear_token_logprobs(hidden[:, :-1], lm_head_weight, targets, lm_head_bias,
+                                    return_entropy=return_entropy, backend=backend)
     if keep is None:
         return out
     if return_entropy:

@@ -39,14 +39,16 @@ def codebook_logits(codebook: torch.Tensor, tau=1.0) -> tuple[torch.Tensor, torc
     for every code v of a row, and softmax is invariant to adding a constant to a row, so it
     drops out of log-probabilities, entropies and samples exactly (not approximately).
 
-    Why what is left is well conditioned. Computing the distances first and then the softmax
-    forms ‖h‖² - 2 h·c + ‖c‖²: when ‖h‖ is large against the distances between codes (an
-    encoder output far from a tight codebook), the differences that decide the softmax are small
-    remainders of large cancelling terms, and their rounding error is of order
-    ε·‖h‖²/τ. Without the ‖h‖² term each logit carries an error of order
-    ε·(2‖h‖·‖c_v‖ + ‖c_v‖²)/τ, the error of a plain linear layer with these parameters, and the
-    kernels subtract the row maximum before exponentiating (no overflow however large the
-    logits). The term that is removed is the largest one, and it was pure rounding noise.
+    Why what is left is well conditioned. A materialised distance, whether formed as
+    ‖h‖² - 2 h·c + ‖c‖² (``torch.cdist``'s matmul path) or as Σ (h - c)², is a number of size
+    ‖h - c‖², so it carries a rounding error of order ε·‖h - c‖²/τ; when the encoder output is
+    far from a tight codebook that is ε·‖h‖²/τ, while the softmax depends only on the
+    differences between codes, which are much smaller. Without the ‖h‖² term each logit is
+    2 h·c_v/τ - ‖c_v‖²/τ with an error of order ε·(2‖h‖·‖c_v‖ + ‖c_v‖²)/τ: a factor of about
+    ‖h‖/‖c‖ smaller. The kernels then subtract the row maximum before exponentiating (no
+    overflow however large the logits). tests/test_nn.py measures it in float32 at ‖h‖ ≈ 570,
+    ‖c‖ ≈ 5.7: the fused path's error against float64 is more than ten times smaller than
+    ``torch.cdist``'s.
     """
     _validate.check_float("codebook", codebook)
     if codebook.dim() != 2:

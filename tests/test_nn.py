@@ -224,6 +224,22 @@ def test_codebook_logits_float32_and_gradients():
     assert torch.allclose(g[1].double(), want_g[1], atol=1e-4, rtol=1e-4)
 
 
+def test_codebook_logits_better_conditioned_than_distances_in_float32():
+    # Encoder outputs far from the codebook (‖h‖ ≈ 570, ‖c‖ ≈ 5.7): the docstring's claim.
+    V, D = 512, 32
+    codebook = torch.randn(V, D, dtype=torch.float64)
+    h = 100 + torch.randn(64, D, dtype=torch.float64)
+    tokens = torch.randint(0, V, (64,))
+    d2 = ((h[:, None] - codebook[None]) ** 2).sum(-1)
+    want = torch.log_softmax(-d2, -1).gather(-1, tokens[:, None])[:, 0]
+    cdist = torch.log_softmax(-torch.cdist(h.float(), codebook.float()) ** 2, -1)
+    err_cdist = (cdist.gather(-1, tokens[:, None])[:, 0].double() - want).abs().max()
+    weight, bias = dk.codebook_logits(codebook.float(), 1.0)
+    fused = dk.linear_token_logprobs(h.float(), weight, tokens, bias)
+    err_fused = (fused.double() - want).abs().max()
+    assert err_fused * 10 < err_cdist, (err_fused, err_cdist)
+
+
 def test_codebook_logits_bad_inputs():
     with pytest.raises(ValueError, match=r"codebook must be \[V, D\]"):
         dk.codebook_logits(torch.randn(4, 3, 2))
@@ -309,7 +325,13 @@ def test_causal_lm_bad_inputs():
         dk.causal_lm_token_logprobs(h, w, ids, torch.ones(2, 5))
     with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):
         dk.causal_lm_token_logprobs(h, w, ids, torch.full((2, 5), 2))
-    with pytest.raises(ValueError, match=r"weight must be \[V, D\]"):
+    with pytest.raises(ValueError, match=r"lm_head_weight must be \[V, D\] with D = "):
         dk.causal_lm_token_logprobs(h, torch.randn(9, 3), ids)
-    with pytest.raises(ValueError, match=r"tokens must lie in \[0, V\) = \[0, 9\)"):
+    with pytest.raises(TypeError, match="lm_head_weight must be float32"):
+        dk.causal_lm_token_logprobs(h, torch.ones(9, 4, dtype=torch.long), ids)
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, V\) = \[0, 9\)"):
         dk.causal_lm_token_logprobs(h, w, torch.full((2, 5), 9))
+    bad = ids.clone()
+    bad[0, 3] = -5  # out of range at a real position: refused even with a mask
+    with pytest.raises(ValueError, match=r"first: -5"):
+        dk.causal_lm_token_logprobs(h, w, bad, torch.ones(2, 5, dtype=torch.bool))
