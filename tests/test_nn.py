@@ -335,3 +335,24 @@ def test_causal_lm_bad_inputs():
     bad[0, 3] = -5  # out of range at a real position: refused even with a mask
     with pytest.raises(ValueError, match=r"first: -5"):
         dk.causal_lm_token_logprobs(h, w, bad, torch.ones(2, 5, dtype=torch.bool))
+
+
+def test_drop_in_paths_compile_fullgraph():
+    """torch.compile(fullgraph=True) traces the head's methods and the causal-LM path (the ops
+    are custom ops; the value checks are skipped while compiling), forward and backward."""
+    head = FusedCategoricalHead(16, 50, backend="torch")
+    hidden = torch.randn(3, 4, 16, requires_grad=True)
+    tokens = torch.randint(0, 50, (3, 4))
+    mask = torch.ones(3, 4, dtype=torch.long)
+    mask[0, 3:] = 0
+
+    def f(h):
+        lp, ent = head.log_prob(h, tokens, return_entropy=True)
+        causal = dk.causal_lm_token_logprobs(h, head.weight, tokens, mask)
+        return lp.sum() + ent.sum() + head.entropy(h).sum() + causal.sum()
+
+    want = f(hidden)
+    (g_want,) = torch.autograd.grad(want, hidden)
+    got = torch.compile(f, fullgraph=True)(hidden)
+    (g_got,) = torch.autograd.grad(got, hidden)
+    assert torch.allclose(got, want, atol=1e-4) and torch.allclose(g_got, g_want, atol=1e-5)
