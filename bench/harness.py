@@ -1126,8 +1126,13 @@ def format_table(report: dict) -> str:
 
 def plot_throughput(report: dict, path: Path) -> Path | None:
     """Throughput (GB/s, or TFLOP/s for compute-bound ops) against V, one panel per op and
-    mode, one line per provider, the measured roofline dashed."""
-    import matplotlib
+    mode, one line per provider, the measured roofline dashed. None without matplotlib (it
+    comes with the ``train`` extra, not with the kernels-only install)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("note: matplotlib is not installed (pip install \"dvae[train]\"); no plot")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
