@@ -12,7 +12,8 @@ gradients of a GRPO-style loss in the LM head and the hidden states against the 
 path; peak memory of one forward+backward step, fused against materialised, each measured in
 a fresh process on this machine.
 
-    python examples/gpt2_policy_logprobs.py            # B = 8 sequences of T = 256
+    python examples/gpt2_policy_logprobs.py            # checks at B, T, D = 4, 64, 64;
+                                                       # memory at B, T, D = 8, 256, 128
     python examples/gpt2_policy_logprobs.py --tiny     # seconds; what the tests run
 """
 
