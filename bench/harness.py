@@ -17,7 +17,9 @@ One harness for every op (STYLE.md 8). Read top to bottom:
 8. the regression check against a stored baseline (``--compare``);
 9. the command line.
 
-Adding an op: write its ``OpSpec`` in section 4 and append it to ``SPECS``.
+Adding an op: write its ``OpSpec`` in section 4 and append it to ``SPECS``. A spec that is not
+one dvae_kernels function (``categorical_head``: the FusedCategoricalHead's log_prob with its
+entropy) names its callable in ``op=`` and the op whose backends it has in ``supports_of=``.
 """
 
 from __future__ import annotations
@@ -266,9 +268,16 @@ class OpSpec:
     grad_wrt: tuple[str, ...] = ()
     external: Callable[[torch.device], list[Provider]] = lambda device: []
     check: Callable[[dict, Any], str | None] | None = None
+    # For a spec that is not one dvae_kernels function (a module's method, a composition):
+    # the callable taking ``backend=``, and the op whose SUPPORTS table lists its backends.
+    op: Callable | None = None
+    supports_of: str | None = None
 
     def available(self) -> bool:
-        return hasattr(dvae_kernels, self.name)
+        return self.op is not None or hasattr(dvae_kernels, self.name)
+
+    def resolve(self) -> Callable:
+        return self.op if self.op is not None else getattr(dvae_kernels, self.name)
 
 
 def _logits(shape, dtype, device, gen) -> torch.Tensor:
@@ -679,9 +688,120 @@ LINEAR_SAMPLE_TOKENS = OpSpec(
     check=_linear_sample_check,
 )
 
+# --- the drop-in paths: FusedCategoricalHead and causal_lm_token_logprobs -----------------------
+
+_HEADS: dict[tuple, Any] = {}
+
+
+def categorical_head_log_prob_entropy(hidden, weight, bias, tokens, *, backend=None):
+    """``FusedCategoricalHead.log_prob(hidden, tokens, return_entropy=True)`` with the given
+    parameters (the head is built once per shape on the meta device; ``functional_call``
+    binds ``weight`` and ``bias``), so the module's own code path is what is timed."""
+    from dvae_kernels.nn import FusedCategoricalHead
+
+    V, D = weight.shape
+    key = (V, D, bias is not None, backend)
+    if key not in _HEADS:
+        _HEADS[key] = FusedCategoricalHead(D, V, bias is not None, device="meta",
+                                           backend=backend)
+    params = {"weight": weight, **({"bias": bias} if bias is not None else {})}
+    return torch.func.functional_call(_HEADS[key], params, (hidden, tokens),
+                                      {"return_entropy": True})
+
+
+def _head_make(dims, dtype, device, gen):
+    inp = _linear_make(dims, dtype, device, gen)
+    inp["bias"] = (0.1 * torch.randn(dims["V"], device=device, generator=gen)).to(dtype)
+    return inp
+
+
+def _head_reference(hidden, weight, bias, tokens):
+    lp = torch.log_softmax(torch.nn.functional.linear(hidden, weight, bias).float(), -1)
+    return lp.gather(-1, tokens[..., None])[..., 0], -(lp.exp() * lp).sum(-1)
+
+
+CATEGORICAL_HEAD = OpSpec(
+    name="categorical_head",
+    modes=("fwd", "fwd+bwd"),
+    bound="compute",
+    cost_formula={"fwd": "2·R·D·V FLOPs", "fwd+bwd": "6·R·D·V FLOPs"},
+    sets=_linear_sets(),
+    make=_head_make,
+    call=lambda f, i: f(i["hidden"], i["weight"], i["bias"], i["tokens"]),
+    reference=_head_reference,
+    cost=_linear_cost,
+    grad_wrt=("hidden", "weight", "bias"),
+    op=categorical_head_log_prob_entropy,
+    supports_of="linear_token_logprobs",
+)
+
+
+def _causal_sets() -> dict[str, list[Case]]:
+    # hidden [B, T, D]: GPT-2 small (D = 768, V = 50257) and a 128k-vocabulary LM (Llama 3's
+    # V = 128256 rounded to 131072) at D = 4096 on a GPU; smaller D and B·T on a CPU.
+    def c(label, B, T, D, V):
+        return Case(label, {"B": B, "T": T, "D": D, "V": V})
+
+    return {
+        "paper": [c("GPT-2 small B=8 T=1024", 8, 1024, 768, 50257)],
+        "llm": [c("GPT-2 small B=8 T=1024", 8, 1024, 768, 50257),
+                c("LLM D=4096 V=131072 B=4 T=2048", 4, 2048, 4096, 131072)],
+        "cpu": [c("GPT-2 vocabulary, D=256, B=4 T=128", 4, 128, 256, 50257)],
+        "quick": [c("GPT-2 vocabulary, D=64, B=2 T=32", 2, 32, 64, 50257)],
+        "tiny": [c("tiny", 2, 9, 16, 300)],
+    }
+
+
+def _causal_make(dims, dtype, device, gen):
+    B, T, D, V = dims["B"], dims["T"], dims["D"], dims["V"]
+    mask = torch.ones(B, T, dtype=torch.long, device=device)
+    mask[B // 2:, T - T // 4:] = 0  # half the batch right-padded by a quarter
+    return {"hidden": torch.randn(B, T, D, device=device, generator=gen).to(dtype),
+            "weight": (torch.randn(V, D, device=device, generator=gen) / math.sqrt(D)).to(dtype),
+            "input_ids": _tokens((B, T), V, device, gen), "attention_mask": mask,
+            "grad_out": torch.randn(B, T - 1, device=device, generator=gen)}
+
+
+def _causal_reference(hidden, weight, input_ids, attention_mask):
+    """``log_softmax(logits[:, :-1]).gather(input_ids[:, 1:])``, 0 where padding."""
+    lp = torch.log_softmax((hidden @ weight.T)[:, :-1].float(), -1)
+    logp = lp.gather(-1, input_ids[:, 1:, None])[..., 0]
+    keep = (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()
+    return torch.where(keep, logp, 0.0)
+
+
+def _causal_cost(dims, b, tb, mode):
+    flops = 2 * dims["B"] * (dims["T"] - 1) * dims["D"] * dims["V"]
+    return 0.0, (flops if mode == "fwd" else 3 * flops)
+
+
+def _cce_causal(lce):
+    def run(i):
+        keep = (i["attention_mask"][:, :-1] * i["attention_mask"][:, 1:]).bool()
+        targets = torch.where(i["attention_mask"].bool(), i["input_ids"], -100)
+        nll = lce(i["hidden"], i["weight"], targets, shift=1, reduction="none")
+        return torch.where(keep, -nll, 0.0)
+    return run
+
+
+CAUSAL_LM_TOKEN_LOGPROBS = OpSpec(
+    name="causal_lm_token_logprobs",
+    modes=("fwd", "fwd+bwd"),
+    bound="compute",
+    cost_formula={"fwd": "2·B·(T-1)·D·V FLOPs", "fwd+bwd": "6·B·(T-1)·D·V FLOPs"},
+    sets=_causal_sets(),
+    make=_causal_make,
+    call=lambda f, i: f(i["hidden"], i["weight"], i["input_ids"], i["attention_mask"]),
+    reference=_causal_reference,
+    cost=_causal_cost,
+    grad_wrt=("hidden", "weight"),
+    external=lambda device: [_cce_provider(device, _cce_causal)],
+    supports_of="linear_token_logprobs",
+)
+
 SPECS: list[OpSpec] = [TOKEN_LOGPROBS, WEIGHTED_TOKEN_NLL, DAPS_WEIGHTS, SOLVE_ETA,
                        SAMPLE_TOKENS, LINEAR_TOKEN_LOGPROBS, LINEAR_WEIGHTED_TOKEN_NLL,
-                       LINEAR_SAMPLE_TOKENS]
+                       LINEAR_SAMPLE_TOKENS, CATEGORICAL_HEAD, CAUSAL_LM_TOKEN_LOGPROBS]
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 
 # ---------------------------------------------------------------------------------------------
@@ -692,10 +812,12 @@ SPEC_BY_NAME = {s.name: s for s in SPECS}
 def providers_for(spec: OpSpec, device: torch.device, compile_reference: bool = True
                   ) -> list[Provider]:
     """Every provider of ``spec`` on ``device``; those that cannot run carry the reason."""
-    op = getattr(dvae_kernels, spec.name)
+    op = spec.resolve()
     # The op's backend table (one file per op, DESIGN.md §2): a backend it lacks is absent, not
     # an error.
-    table = getattr(sys.modules.get(getattr(op, "__module__", "")), "SUPPORTS", None)
+    table_module = (getattr(dvae_kernels, spec.supports_of).__module__ if spec.supports_of
+                    else getattr(op, "__module__", ""))
+    table = getattr(sys.modules.get(table_module), "SUPPORTS", None)
     out = []
     for name in _dispatch.BACKENDS:
         reason = _dispatch.backend_unavailable(name, device)
@@ -1004,8 +1126,13 @@ def format_table(report: dict) -> str:
 
 def plot_throughput(report: dict, path: Path) -> Path | None:
     """Throughput (GB/s, or TFLOP/s for compute-bound ops) against V, one panel per op and
-    mode, one line per provider, the measured roofline dashed."""
-    import matplotlib
+    mode, one line per provider, the measured roofline dashed. None without matplotlib (it
+    comes with the ``train`` extra, not with the kernels-only install)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("note: matplotlib is not installed (pip install \"dvae[train]\"); no plot")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

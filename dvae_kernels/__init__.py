@@ -12,15 +12,28 @@ C++/CUDA extension is built) and registered with ``torch.library``:
 * :func:`sample_tokens`, :func:`linear_sample_tokens` - one-pass Gumbel-max sampling with a
   counter-based random stream (same samples on every backend for a seed).
 
+Drop-in paths for other models (built on the linear ops):
+
+* :class:`~dvae_kernels.nn.FusedCategoricalHead` - ``nn.Linear(D, V)``-compatible output head
+  with ``log_prob``, ``entropy``, ``sample`` and ``weighted_nll``; loss modules in
+  :mod:`dvae_kernels.nn`.
+* :func:`codebook_logits` - the (weight, bias) whose softmax is the codebook-distance
+  distribution ``softmax(-‖h - c‖²/τ)`` (stochastic VQ, dVAE tokenizers).
+* :func:`causal_lm_token_logprobs` - shifted, padding-masked token log-probabilities and
+  entropies of a causal LM (PPO/GRPO), from its hidden states and LM head.
+
 ``python -m dvae_kernels.info`` reports versions, devices and each backend's availability.
 """
 
 from ._dispatch import BACKENDS, BackendError
 from ._validate import no_value_checks
+from .causal_lm_token_logprobs import causal_lm_token_logprobs
+from .codebook_logits import codebook_logits
 from .daps_weights import daps_weights
 from .linear_sample_tokens import linear_sample_tokens
 from .linear_token_logprobs import linear_token_logprobs
 from .linear_weighted_token_nll import LinearWeightedTokenNLL, linear_weighted_token_nll
+from .nn import FusedCategoricalHead, LinearCrossEntropyLoss
 from .sample_tokens import sample_tokens
 from .solve_eta import solve_eta
 from .token_logprobs import token_logprobs
@@ -31,8 +44,12 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendError",
+    "FusedCategoricalHead",
+    "LinearCrossEntropyLoss",
     "LinearWeightedTokenNLL",
     "WeightedTokenNLL",
+    "causal_lm_token_logprobs",
+    "codebook_logits",
     "daps_weights",
     "linear_sample_tokens",
     "linear_token_logprobs",

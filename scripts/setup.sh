@@ -28,6 +28,8 @@ then
     "$VPY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 fi
 
-echo "[setup] installing dvae (editable, no build isolation)"
-"$VPY" -m pip install -q --no-build-isolation -e ".[test]"
+# .[train,test]: the training module's dependencies and the test tools. The kernels alone need
+# only the base dependencies (pip install dvae).
+echo "[setup] installing dvae[train,test] (editable, no build isolation)"
+"$VPY" -m pip install -q --no-build-isolation -e ".[train,test]"
 "$VPY" -c "import dvae_kernels; print('[setup] dvae_kernels', dvae_kernels.__version__, 'ok')"

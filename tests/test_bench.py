@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import json
 import os
 import subprocess
@@ -191,3 +192,43 @@ def test_gpu_report_baseline_pieces(tmp_path):
     assert "--compare" not in cmd  # nothing of third_op in the baseline: store, not compare
     gpu_report._baseline_step(baseline, args, cmd, ["op"])
     assert cmd[:2] == ["--compare", str(baseline)]
+
+
+@pytest.mark.parametrize("name", ["categorical_head", "causal_lm_token_logprobs"])
+def test_drop_in_specs_reference_matches_the_op(name):
+    """The plain-PyTorch reference that torch.compile is given computes what the drop-in path
+    computes (values and gradients), on the spec's own tiny inputs; padding included."""
+    spec = harness.SPEC_BY_NAME[name]
+    assert spec.available()
+    gen = torch.Generator().manual_seed(0)
+    inputs = spec.make(spec.sets["tiny"][0].dims, torch.float32, torch.device("cpu"), gen)
+    outs = []
+    for f in (functools.partial(spec.resolve(), backend="torch"), spec.reference):
+        leaves = {k: (v.detach().requires_grad_() if k in spec.grad_wrt else v)
+                  for k, v in inputs.items()}
+        out = spec.call(f, leaves)
+        first = out[0] if isinstance(out, tuple) else out
+        grads = torch.autograd.grad(first, [leaves[k] for k in spec.grad_wrt],
+                                    leaves["grad_out"])
+        outs.append((out if isinstance(out, tuple) else (out,), grads))
+    (o1, g1), (o2, g2) = outs
+    for a, b in zip(o1 + g1, o2 + g2):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    providers = {p.name: p for p in harness.providers_for(spec, torch.device("cpu"),
+                                                          compile_reference=False)}
+    assert providers["torch"].unavailable is None
+
+
+def test_memory_target_check_covers_llm_vocabularies():
+    from bench import memory
+
+    def row(provider, V, nbytes):
+        return {"provider": provider, "N": 8192, "D": 128, "V": V, "extra_bytes": nbytes}
+
+    rows = [row("materialised", 50257, 800), row("fused", 50257, 100),
+            row("materialised", 131072, 800), row("fused", 131072, 101),
+            row("materialised", 1024, 10), row("fused", 1024, 10)]
+    lines = memory.target_check(rows)
+    assert len(lines) == 2  # V = 1024 carries no target
+    assert "V=50257: met (0.1250)" in lines[0] and "V=131072: NOT met" in lines[1]
+    assert 50257 in memory.parse_args([]).v and 131072 in memory.parse_args([]).v

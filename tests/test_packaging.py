@@ -1,0 +1,110 @@
+"""The kernels-only install: every dvae_kernels module imports only torch, triton, numpy, the
+standard library and dvae_kernels itself (the base dependencies in pyproject.toml), and the
+training module's third-party imports are covered by the ``train`` extra. Checked statically
+(every import statement, also those inside functions), so it holds whatever is installed."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL_DEPS = {"torch", "triton", "numpy"}
+# Import name -> distribution name, for the training module's third-party imports.
+DIST = {"sklearn": "scikit-learn", "yaml": "pyyaml", "PIL": "pillow"}
+
+
+def _top_level_imports(path: Path) -> dict[str, int]:
+    """Top-level module names of every absolute import in ``path`` -> first line."""
+    found: dict[str, int] = {}
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            found.setdefault(name.split(".")[0], node.lineno)
+    return found
+
+
+def _third_party(imports: dict[str, int], own: set[str]) -> dict[str, int]:
+    std = set(sys.stdlib_module_names) | {"__future__"}
+    return {m: ln for m, ln in imports.items() if m not in std and m not in own}
+
+
+def test_dvae_kernels_imports_only_its_base_dependencies():
+    files = sorted((ROOT / "dvae_kernels").rglob("*.py"))
+    assert len(files) > 10
+    bad = []
+    for f in files:
+        for mod, line in _third_party(_top_level_imports(f), {"dvae_kernels"}).items():
+            if mod not in KERNEL_DEPS:
+                bad.append(f"{f.relative_to(ROOT)}:{line} imports {mod}")
+    assert not bad, "dvae_kernels must import only torch/triton/numpy/stdlib:\n" + "\n".join(bad)
+
+
+def test_the_checker_sees_nested_imports(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import os\ndef f():\n    import yaml\n    from . import x\n")
+    assert _third_party(_top_level_imports(f), set()) == {"yaml": 3}
+
+
+def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _dist_name(req: str) -> str:
+    for sep in "<>=!;[ ":
+        req = req.split(sep)[0]
+    return req.strip().lower()
+
+
+def test_base_dependencies_are_the_kernels_imports():
+    project = _pyproject()["project"]
+    assert {_dist_name(r) for r in project["dependencies"]} == KERNEL_DEPS
+    assert "transformers" in {_dist_name(r) for r in project["optional-dependencies"]["test"]}
+
+
+def test_train_extra_covers_the_training_module():
+    extras = _pyproject()["project"]["optional-dependencies"]
+    provided = KERNEL_DEPS | {_dist_name(r) for r in extras["train"]}
+    missing = []
+    for f in sorted((ROOT / "dvae").rglob("*.py")):
+        for mod, line in _third_party(_top_level_imports(f), {"dvae", "dvae_kernels"}).items():
+            if DIST.get(mod, mod).lower() not in provided:
+                missing.append(f"{f.relative_to(ROOT)}:{line} imports {mod}")
+    assert not missing, "not in the train extra:\n" + "\n".join(missing)
+
+
+def test_dvae_kernels_imports_and_runs_without_the_training_extras():
+    """Every dvae_kernels module imports, and a drop-in path runs, in a process where the
+    train extra's packages cannot be imported."""
+    import os
+    import subprocess
+
+    code = """
+import importlib, pkgutil, sys
+# None in sys.modules is how Python spells "not installed": import raises
+# ModuleNotFoundError and importlib.util.find_spec returns None.
+for name in ("torchvision", "nvtx", "sklearn", "tqdm", "yaml", "tensorboard", "PIL",
+             "matplotlib", "transformers", "dvae"):
+    sys.modules[name] = None
+import torch
+import dvae_kernels
+for m in pkgutil.iter_modules(dvae_kernels.__path__):
+    if not m.name.startswith("_C"):
+        importlib.import_module("dvae_kernels." + m.name)
+head = dvae_kernels.FusedCategoricalHead(8, 20)
+print(head.log_prob(torch.randn(3, 8), torch.tensor([0, 5, 19])).shape)
+"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "torch.Size([3])"
