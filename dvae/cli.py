@@ -51,8 +51,12 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     e = sub.add_parser("eval", help="test-set metrics of a checkpoint, as JSON",
                        allow_abbrev=False)
     e.add_argument("--checkpoint", required=True)
+    e.add_argument("--fid", action="store_true",
+                   help="also compute rFID (FID Inception weights from the torch hub cache or "
+                   "fid_weights=PATH; never downloaded)")
     e.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="evaluation keys (data_path, eval_samples, device, ...)")
+                   help="evaluation keys (data_path, eval_samples, eval_protocol, "
+                   "fid_weights, device, ...)")
     r = sub.add_parser("reconstruct", help="a PNG of test images and their reconstructions",
                        allow_abbrev=False)
     r.add_argument("--checkpoint", required=True)
@@ -146,7 +150,13 @@ def _eval_or_reconstruct(args) -> int:
         raise ValueError(f"--count must be >= 1, got {args.count}")
     cfg, model, test, pre, device, state = _from_checkpoint(args.checkpoint, args.overrides)
     if args.command == "eval":
-        res = evaluate(model, test, pre, cfg, device, max_images=cfg.eval_samples or None)
+        fid_net = None
+        if args.fid or cfg.fid:
+            from .fid import inception
+
+            fid_net = inception(cfg.fid_weights, device)
+        res = evaluate(model, test, pre, cfg, device, max_images=cfg.eval_samples or None,
+                       fid_net=fid_net)
         res["step"] = int(state["step"])
         print(json.dumps(res))
         return 0

@@ -75,6 +75,8 @@ class Config:
     eval_every: int = 500  # steps between test evaluations (0: only at the end)
     ckpt_every: int = 500  # steps between checkpoints (0: only at the end and on a signal)
     eval_samples: int = 512  # test images per evaluation (0: the whole test set)
+    fid: bool = False  # rFID in every evaluation (FID Inception weights; never downloaded)
+    fid_weights: str | None = None  # the FID Inception weights (null: torch hub cache)
     grid_images: int = 16  # test images in reconstructions.png (>= 1)
     tensorboard: bool = True  # TensorBoard scalars under out_dir/tb
     progress: bool = True  # progress bar
@@ -159,7 +161,7 @@ KERNEL_BACKENDS = (None, "auto", "torch", "triton", "cuda", "cpu")
 RUN_CONTROL_KEYS = frozenset({
     "steps", "log_every", "eval_every", "ckpt_every", "eval_samples", "grid_images",
     "tensorboard", "progress", "out_dir", "data_path", "num_workers", "threads",
-    "eval_protocol",
+    "eval_protocol", "fid", "fid_weights",
 })
 # Keys `dvae eval` / `dvae reconstruct` may override on a checkpoint's config: the above, and
 # where and how the evaluation runs (the weights are the checkpoint's whatever these say).

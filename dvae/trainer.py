@@ -95,10 +95,19 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 @torch.no_grad()
 def evaluate(model: DAPSAutoencoder, dataset, preprocess: Preprocess, cfg: Config,
              device: torch.device, *, max_images: int | None = None, seed: int = 12345,
-             grid_path: str | os.PathLike | None = None) -> dict[str, float]:
-    """Test-set metrics with one sampled sequence per image: β-ELBO (nats per image, β_end),
-    log p(x|z), KL to the uniform prior, PSNR, SSIM, codebook usage and perplexity."""
+             grid_path: str | os.PathLike | None = None, fid_net: nn.Module | None = None
+             ) -> dict[str, float]:
+    """Test-set metrics with one sampled sequence per image (the authors' protocol: one
+    stochastic sample at temperature 1): β-ELBO (nats per image, β_end), log p(x|z), KL to the
+    uniform prior, PSNR, SSIM, codebook usage and perplexity; rFID when ``fid_net`` (from
+    :func:`dvae.fid.inception`) is given."""
     from .data import TensorImages
+
+    rfid = None
+    if fid_net is not None:
+        from .fid import RFID
+
+        rfid = RFID(fid_net)
 
     was_training = model.training
     model.eval()
@@ -135,6 +144,8 @@ def evaluate(model: DAPSAutoencoder, dataset, preprocess: Preprocess, cfg: Confi
         kl = (math.log(model.vocab_size) - entropy[:, 0]).sum(-1)
         recon = model.to_pixels(model.likelihood.mean(params))
         target = preprocess.target_pixels(x01)
+        if rfid is not None:
+            rfid.update(target, recon)
         sums["beta_elbo"] += (logpx - cfg.beta_end * kl).sum().item()
         sums["log_px"] += logpx.sum().item()
         sums["kl"] += kl.sum().item()
@@ -148,6 +159,8 @@ def evaluate(model: DAPSAutoencoder, dataset, preprocess: Preprocess, cfg: Confi
     out = {k: v / evaluated for k, v in sums.items()}
     out.update(metrics.codebook_stats(torch.cat(all_tokens), model.vocab_size))
     out["eval_images"] = evaluated
+    if rfid is not None:
+        out["rfid"] = rfid.compute()
     if unreadable:
         out["eval_unreadable"] = unreadable
     if grid_path is not None and first is not None:
@@ -240,6 +253,11 @@ class Trainer:
         if self.rundir is not None:
             self.rundir.cut_back(self.step)
         self.batches = Batches(self.train_set, self.stream, cfg.num_workers)
+        self._fid_net = None
+        if cfg.fid and self.rank == 0:  # fail now, not at the first evaluation
+            from .fid import inception
+
+            self._fid_net = inception(cfg.fid_weights, self.device)
         self.last_eval: dict[str, float] = {}
         self._stop_signal: int | None = None
         self._consecutive = torch.zeros((), device=self.device)
@@ -339,9 +357,13 @@ class Trainer:
             self._writer.flush()
 
     def evaluate(self) -> dict[str, float]:
+        if self.cfg.fid and self._fid_net is None:
+            from .fid import inception
+
+            self._fid_net = inception(self.cfg.fid_weights, self.device)
         res = evaluate(self.model, self.test_set, self.preprocess, self.cfg, self.device,
                        max_images=self.cfg.eval_samples or None,
-                       grid_path=self.out_dir / "reconstructions.png")
+                       grid_path=self.out_dir / "reconstructions.png", fid_net=self._fid_net)
         self.last_eval = res
         self._log({"split": "test", "step": self.step, **res})
         return res
