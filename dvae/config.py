@@ -59,7 +59,7 @@ class Config:
     clip: float = 1.0  # adaptive unit-wise gradient clipping
     # --- run ---
     steps: int = 1500  # training steps in all (a resumed run may raise it)
-    batch_size: int = 64  # images per step (per process under torchrun)
+    batch_size: int = 64  # images per step, the global batch (divided among torchrun ranks)
     seed: int = 0  # initialisation, data order and sampling streams
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch CPU threads (None: torch's default)

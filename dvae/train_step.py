@@ -97,6 +97,20 @@ class DAPSTrainStep:
                                                          generator=g, backend=backend)
         return sample
 
+    def _gather_rows(self, rewards: torch.Tensor, logq: torch.Tensor):
+        """``(rewards, logq)`` of the global batch, rank-major (the order a single process
+        sees them in), and the slice of this rank's rows; the local tensors on one process."""
+        if not self.distributed:
+            return rewards, logq, slice(None)
+        dist = torch.distributed
+        world, rank = dist.get_world_size(), dist.get_rank()
+        both = torch.stack([rewards, logq.to(rewards.dtype)])
+        parts = [torch.empty_like(both) for _ in range(world)]
+        dist.all_gather(parts, both.contiguous())
+        full = torch.cat(parts, dim=1)
+        n = rewards.shape[0]
+        return full[0], full[1], slice(rank * n, (rank + 1) * n)
+
     def __call__(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         # The tokens are the step's own samples, in [0, V) by construction: the ops need not
         # read them back to check (that would be a host sync per call on CUDA).
@@ -136,9 +150,15 @@ class DAPSTrainStep:
             logq = logp_tok.detach().sum(-1)
         with ph("weights"):
             rewards = logpx.detach().float()
-            eta = daps.eta_for_step(out["log_eta"], rewards, logq, beta, cfg.ess_target,
-                                    cfg.eta_mode, backend=backend)
-            weights, ess = dvae_kernels.daps_weights(rewards, logq, beta, eta, backend=backend)
+            # The trust region is the global batch's (DESIGN.md §1 step 6): under torchrun,
+            # every rank sees all [N, K] rewards and log q (a few KB), solves the same η and
+            # keeps the weights of its own rows.
+            all_rewards, all_logq, rows = self._gather_rows(rewards, logq)
+            eta = daps.eta_for_step(out["log_eta"], all_rewards, all_logq, beta,
+                                    cfg.ess_target, cfg.eta_mode, backend=backend)
+            weights, ess = dvae_kernels.daps_weights(all_rewards, all_logq, beta, eta,
+                                                     backend=backend)
+            weights = weights[rows]
         with ph("losses"):
             with self.fp32():
                 if self.fused:

@@ -1,8 +1,12 @@
 """The training loop: data, model, DAPS steps, logging, evaluation, checkpoints.
 
-Distributed training uses ``torchrun`` (DDP; NCCL on CUDA, gloo on CPU): every rank draws its
-own slice of each global batch and its own samples, gradients are averaged by DDP, and rank 0
-logs, evaluates and writes checkpoints. Outputs in ``cfg.out_dir``:
+Distributed training uses ``torchrun`` (DDP; NCCL on CUDA, gloo on CPU). ``batch_size`` is the
+global batch: each of the W ranks draws its own batch_size/W rows of it and its own samples;
+the DAPS weights, mean ESS and η are computed over the global batch (the [N, K] rewards and log
+q are all-gathered), so a W-rank step is the 1-rank step of the same batch and samples, up to
+float rounding; gradients are averaged by DDP. BatchNorm statistics (ResNet decoders) are per
+rank, over its batch_size/W images. Rank 0 logs, evaluates and writes checkpoints. Outputs in
+``cfg.out_dir``:
 
     metrics.jsonl        one JSON object per logging interval / evaluation
     tb/                  TensorBoard scalars
@@ -240,8 +244,12 @@ class Trainer:
         self.phases = Phases(False, self.device)
         self.step_fn = DAPSTrainStep(fwd, cfg, generator=self.generator, phases=self.phases,
                                      distributed=self.distributed)
-        self.stream = BatchStream(len(self.train_set), cfg.batch_size, cfg.seed, self.rank,
-                                  self.world)
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size is the global batch and must divide among the "
+                             f"{self.world} processes; got batch_size={cfg.batch_size}")
+        # batch_size is global: each of the world ranks takes its own batch_size/world rows
+        self.stream = BatchStream(len(self.train_set), cfg.batch_size // self.world, cfg.seed,
+                                  self.rank, self.world)
         self.step = 0
         self.batches_consumed = 0
         self.files_skipped = 0
