@@ -63,7 +63,7 @@ class Config:
     seed: int = 0  # initialisation, data order and sampling streams
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch CPU threads (None: torch's default)
-    amp: bool = True  # bf16 autocast (CUDA only)
+    amp: bool = True  # bf16 autocast on CUDA; false: float32 throughout (exact replication)
     compile: bool = False  # torch.compile the decoder and teacher-forced pass
     kernel_backend: str | None = None  # dvae_kernels backend: null/auto|torch|triton|cuda|cpu
     # Fused linear ops (teacher-forced pass and sampling straight from hidden states, no
