@@ -139,6 +139,31 @@ def run_case(make_step, preset: str, batch_size: int, K: int | None, providers: 
     return list(rows.values())
 
 
+def loop_overhead(preset: str, batch_size: int, K: int | None, device: torch.device,
+                  steps: int, warmup: int, overrides: dict) -> dict:
+    """The trainer's own loop (``dvae.trainer.Trainer.benchmark``: next batch, preprocessing,
+    the step, metric sums, the progress bar) against its bare step on a fixed batch, timed
+    alternately in one run, on the preset's synthetic stand-in data."""
+    from dvae.config import load_config
+    from dvae.trainer import Trainer
+
+    row = {"preset": preset, "batch_size": batch_size, "K": K, "device": device.type,
+           "status": "ok"}
+    with tempfile.TemporaryDirectory() as tmp:
+        values = {**overrides, "dataset": "synthetic", "batch_size": batch_size,
+                  "out_dir": tmp, "device": str(device), "eval_every": 0, "ckpt_every": 0}
+        if K is not None:
+            values["num_samples"] = K
+        try:
+            cfg = load_config(preset, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+                                       for k, v in values.items()])
+            with Trainer(cfg) as trainer:
+                row.update(trainer.benchmark(steps, warmup))
+        except Exception as exc:  # a result, not the end of the run
+            row["status"] = f"error: {type(exc).__name__}: {str(exc).strip()[:200]}"
+    return row
+
+
 def row_key(row: dict) -> tuple:
     return (row["preset"], str(row["batch_size"]), str(row["K"]), row["provider"],
             row["device"])
@@ -221,6 +246,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-phase-timers", action="store_true",
                     help="no per-phase times: the step then never synchronises the device "
                          "inside, so its time is the one to quote against DESIGN.md §5")
+    ap.add_argument("--loop", action="store_true",
+                    help="also time the trainer's own loop against its bare step (data, "
+                         "metrics, progress bar: the loop's overhead, as a ratio)")
     ap.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
     ap.add_argument("--out", help="folder for e2e.json and e2e.csv (default bench/results/"
                                   "latest, a temporary folder with --dry-run)")
@@ -283,11 +311,21 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         report["rows"].extend(run_case(make_step, preset, batch, K, providers, device, steps,
                                        warmup, dict(args.overrides),
                                        timed=not args.no_phase_timers))
+        if args.loop:
+            report.setdefault("loop", []).append(
+                loop_overhead(preset, batch, K, device, steps, warmup, dict(args.overrides)))
     paths = write_results(out_dir, report)
     print()
     print(format_table(report))
+    for r in report.get("loop", []):
+        if r["status"] != "ok":
+            print(f"trainer loop {r['preset']}:{r['batch_size']}: {r['status']}")
+            continue
+        print(f"trainer loop {r['preset']}:{r['batch_size']}: {r['loop_ms']:.4g} ms per "
+              f"iteration against {r['step_ms']:.4g} ms for the bare step "
+              f"(loop/step {r['loop_over_step']:.3f})")
     print(f"\nwrote {', '.join(map(str, paths))}")
-    failed = [r for r in report["rows"] if r["status"] != "ok"]
+    failed = [r for r in report["rows"] + report.get("loop", []) if r["status"] != "ok"]
     code = 1 if failed else 0
     if args.compare:
         c = harness.compare(harness.load_report(args.compare, ("baseline_e2e.json", "e2e.json")),

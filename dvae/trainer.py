@@ -42,6 +42,33 @@ from .train_step import DAPSTrainStep
 MAX_CONSECUTIVE_SKIPS = 100
 
 
+class _Window:
+    """Sums of each metric over the steps of a logging window that trained (a skipped step's
+    loss is not finite and would turn an average into NaN), kept on the device."""
+
+    def __init__(self, device: torch.device):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.trained = torch.zeros((), device=device)
+        self.count = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, metrics: dict[str, torch.Tensor], bad: torch.Tensor) -> None:
+        ok = 1.0 - bad
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0) + torch.where(ok > 0, v.float(), 0.0)
+        self.trained = self.trained + ok
+        self.count += 1
+
+    def read(self) -> dict[str, float]:
+        """Averages over the steps that trained (None when none did), the skipped count and
+        the wall-clock ms per step (this reads the device: call it at log time)."""
+        n_ok = int(self.trained.item())
+        out = {k: ((v / n_ok).item() if n_ok else None) for k, v in self.sums.items()}
+        out["skipped_in_window"] = self.count - n_ok
+        out["ms_per_step"] = 1000 * (time.perf_counter() - self.t0) / max(self.count, 1)
+        return out
+
+
 class Interrupted(Exception):
     """SIGINT or SIGTERM arrived; the run finished its step and saved its checkpoint."""
 
@@ -384,7 +411,8 @@ class Trainer:
 
         SIGINT and SIGTERM let the current step finish, save the checkpoint and raise
         :class:`Interrupted`. :data:`MAX_CONSECUTIVE_SKIPS` non-finite steps in a row raise
-        :class:`TrainingDiverged`.
+        :class:`TrainingDiverged` at the next log interval (the loop reads device values only
+        at log and evaluation intervals).
         """
         previous = self._install_signal_handlers()
         try:
@@ -419,6 +447,57 @@ class Trainer:
             flag = t.item() > 0
         return flag and (not self.distributed or collective)
 
+    def _train_one(self, window: _Window, bar) -> None:
+        """One iteration of the training loop, without its periodic work (logs, evaluations,
+        checkpoints): the next batch, preprocessing, the DAPS step, the window's sums. Nothing
+        here reads a device value back to the host."""
+        x01, skipped = next(self.batches)
+        self.batches_consumed += 1
+        self.files_skipped += skipped
+        x = self.preprocess(x01.to(self.device, non_blocking=True))
+        m = self.step_fn(x, self.step)
+        bad = m.pop("skipped").float()
+        window.add(m, bad)
+        self._consecutive = (self._consecutive + bad) * bad
+        self._max_consecutive = torch.maximum(self._max_consecutive, self._consecutive)
+        self.step += 1
+        bar.update(1)
+
+    def benchmark(self, steps: int, warmup: int = 2) -> dict[str, float]:
+        """The training loop's own cost against its bare step, measured alternately in one
+        run: ``loop_ms`` is one loop iteration (batch, preprocessing, step, metric sums,
+        progress bar), ``step_ms`` the DAPS step alone on a fixed batch. Both advance the
+        model (timing only; use a throwaway Trainer)."""
+        from tqdm.auto import tqdm
+
+        def sync():
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+
+        bar = tqdm(total=None, disable=not self.cfg.progress or self.rank != 0,
+                   desc="dvae train (benchmark)", dynamic_ncols=True)
+        window = _Window(self.device)
+        x = self.preprocess(next(self.batches)[0].to(self.device))
+        loop, bare = [], []
+        for i in range(warmup + steps):
+            sync()
+            t0 = time.perf_counter()
+            self._train_one(window, bar)
+            sync()
+            t1 = time.perf_counter()
+            self.step_fn(x, self.step)
+            sync()
+            t2 = time.perf_counter()
+            if i >= warmup:
+                loop.append(t1 - t0)
+                bare.append(t2 - t1)
+        bar.close()
+        import statistics
+
+        loop_ms = 1e3 * statistics.median(loop)
+        step_ms = 1e3 * statistics.median(bare)
+        return {"loop_ms": loop_ms, "step_ms": step_ms, "loop_over_step": loop_ms / step_ms}
+
     def _check_diverged(self) -> None:
         worst = int(self._max_consecutive.item())
         if worst >= MAX_CONSECUTIVE_SKIPS:
@@ -434,47 +513,23 @@ class Trainer:
 
         bar = tqdm(total=end, initial=self.step, disable=not cfg.progress or self.rank != 0,
                    desc="dvae train", dynamic_ncols=True)
-        # Window sums of each metric over the steps that trained (a skipped step's loss is
-        # not finite and would turn the average into NaN), and the count of those steps.
-        window: dict[str, torch.Tensor] = {}
-        trained = torch.zeros((), device=self.device)
-        count = 0
-        t0 = time.perf_counter()
+        window = _Window(self.device)
         last: dict[str, float] = {}
         while self.step < end:
-            x01, skipped = next(self.batches)
-            self.batches_consumed += 1
-            self.files_skipped += skipped
-            x = self.preprocess(x01.to(self.device, non_blocking=True))
-            m = self.step_fn(x, self.step)
-            bad = m.pop("skipped").float()
-            ok = 1.0 - bad
-            for k, v in m.items():
-                window[k] = window.get(k, 0) + torch.where(ok > 0, v.float(), 0.0)
-            trained = trained + ok
-            self._consecutive = (self._consecutive + bad) * bad
-            self._max_consecutive = torch.maximum(self._max_consecutive, self._consecutive)
-            count += 1
-            self.step += 1
-            bar.update(1)
+            self._train_one(window, bar)
             done = self.step == end
             log_now = self.step % cfg.log_every == 0 or done
-            if log_now or self.step % MAX_CONSECUTIVE_SKIPS == 0:
-                self._check_diverged()
             if log_now:
-                elapsed = time.perf_counter() - t0
-                n_ok = int(trained.item())
-                last = {k: ((v / n_ok).item() if n_ok else None) for k, v in window.items()}
-                last["skipped_in_window"] = count - n_ok
+                # read at log intervals only: the loop never waits for the device otherwise
+                self._check_diverged()
+                last = window.read()
                 last["skipped"] = int(self.step_fn.skipped.item())
                 last["files_skipped"] = self.files_skipped
-                last["ms_per_step"] = 1000 * elapsed / count
                 self._log({"split": "train", "step": self.step, **last})
-                if n_ok:
+                if last.get("loss") is not None:
                     bar.set_postfix(loss=f"{last['loss']:.2f}", log_px=f"{last['log_px']:.1f}",
                                     ess=f"{last['ess_frac']:.2f}", eta=f"{last['eta']:.3g}")
-                window, count, t0 = {}, 0, time.perf_counter()
-                trained = torch.zeros((), device=self.device)
+                window = _Window(self.device)
             evaluate_now = cfg.eval_every > 0 and self.step % cfg.eval_every == 0
             if (evaluate_now or (done and self.step == cfg.steps)) and self.rank == 0:
                 res = self.evaluate()

@@ -232,3 +232,13 @@ def test_memory_target_check_covers_llm_vocabularies():
     assert len(lines) == 2  # V = 1024 carries no target
     assert "V=50257: met (0.1250)" in lines[0] and "V=131072: NOT met" in lines[1]
     assert 50257 in memory.parse_args([]).v and 131072 in memory.parse_args([]).v
+
+
+def test_e2e_times_the_trainer_loop_against_its_step(tmp_path, capsys):
+    assert e2e.main(["--dry-run", "--loop", "--providers", "fused", "--out",
+                     str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "trainer loop digits:4:" in out and "loop/step" in out
+    (loop,) = json.loads((tmp_path / "e2e.json").read_text())["loop"]
+    assert loop["status"] == "ok" and loop["loop_ms"] > 0 and loop["step_ms"] > 0
+    assert loop["loop_over_step"] == pytest.approx(loop["loop_ms"] / loop["step_ms"])
