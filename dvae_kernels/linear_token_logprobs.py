@@ -73,12 +73,19 @@ def _row_stats(x: torch.Tensor, tok: torch.Tensor):
     In place and with few passes over the [C, V] block: on a CPU these element-wise passes,
     not the matmul, dominate at small D."""
     V = x.shape[-1]
-    lse = torch.logsumexp(x, dim=-1)
+    if V == 0:
+        nan = x.new_full((x.shape[0],), float("nan"))
+        return nan, x.new_full((x.shape[0],), float("-inf")), nan
+    m = x.amax(-1)
+    m = torch.where(m == float("-inf"), 0.0, m)
+    shifted = x.sub_(m[:, None])  # x - m, then log p = (x - m) - log s: never x - lse
+    log_s = torch.logsumexp(shifted, dim=-1)
+    lse = m + log_s
     lse = torch.where(lse == float("inf"), float("nan"), lse)  # +inf logits: NaN, as log_softmax
+    shifted = shifted.sub_(log_s[:, None])
     valid = (tok >= 0) & (tok < V)
-    picked = x.gather(-1, torch.where(valid, tok, 0).long()[:, None])[:, 0]
-    logp = torch.where(valid, picked - lse, float("nan"))
-    shifted = x.sub_(lse[:, None])
+    picked = shifted.gather(-1, torch.where(valid, tok, 0).long()[:, None])[:, 0]
+    logp = torch.where(valid, picked, float("nan"))
     p = shifted.exp()
     # In a row with finite lse the only NaN of p·log p is 0·(-inf) at a -inf logit: 0 by
     # convention, so nansum. Rows with non-finite lse (NaN, +inf, all -inf) give NaN.
@@ -248,7 +255,7 @@ if HAS_TRITON:
         log_s = tl.log(s)
         lse = m_safe + log_s
         tok_ok = (tok >= 0) & (tok < V)
-        logp = tl.where(tok_ok, picked - lse, float("nan"))
+        logp = tl.where(tok_ok, (picked - m_safe) - log_s, float("nan"))  # never x - lse
         tl.store(logp_ptr + rows, logp, mask=row_ok)
         tl.store(lse_ptr + rows, lse, mask=row_ok)
         tl.store(ent_ptr + rows, log_s - a / s, mask=row_ok)

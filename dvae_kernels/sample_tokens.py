@@ -40,7 +40,7 @@ import torch
 
 from . import _dispatch, _validate
 from ._triton import HAS_TRITON, next_power_of_2, tl, triton
-from .token_logprobs import _acc_dtype
+from .token_logprobs import _acc_dtype, log_softmax_parts
 
 # ---------------------------------------------------------------------------------------------
 # The random stream, in torch ops (int64 holding uint32 values).
@@ -123,9 +123,9 @@ def torch_sample_rows(x: torch.Tensor, seeds: torch.Tensor, row0: int, temperatu
         score = z + torch_gumbel(torch_row_keys(seeds, rows), V).to(x.dtype)
         tokens = score.argmax(-1) if V > 0 else torch.zeros(C, dtype=torch.int64,
                                                                 device=x.device)
-        lse = torch.logsumexp(z, -1)
-        picked = z.gather(-1, tokens[:, None])[:, 0] if V > 0 else lse
-        logp = picked - lse
+        shifted, log_s, _ = log_softmax_parts(z)
+        picked = shifted.gather(-1, tokens[:, None])[:, 0] - log_s if V > 0 else log_s
+        logp = picked  # (z - m) - log s, never z - lse
     logp = torch.where(nan_row, float("nan"), logp)
     return tokens, logp
 
@@ -219,7 +219,7 @@ if HAS_TRITON:
         if GREEDY:
             logp = tl.where(m == float("-inf"), float("nan"), -tl.log(s))
         else:
-            logp = bz - (m_safe + tl.log(s))
+            logp = (bz - m_safe) - tl.log(s)  # never z - lse: lse is rounded at z's magnitude
         return tl.where(nans > 0, float("nan"), logp)
 
     @triton.jit

@@ -25,7 +25,7 @@ import torch
 
 from . import _dispatch, _validate
 from ._triton import HAS_TRITON, next_power_of_2, tl, triton
-from .token_logprobs import MAX_V, _acc_dtype
+from .token_logprobs import MAX_V, _acc_dtype, log_softmax_parts
 
 # ---------------------------------------------------------------------------------------------
 # torch backend
@@ -37,15 +37,16 @@ def _torch_forward(logits, tokens, weights, compute_grad: bool):
     x = logits.to(_acc_dtype(logits.dtype))
     V = x.shape[-1]
     w = weights.to(x.dtype)
-    lse = torch.logsumexp(x, dim=-1)
-    lse = torch.where(lse == float("inf"), float("nan"), lse)  # +inf logits: NaN, as log_softmax
+    shifted, log_s, _ = log_softmax_parts(x)
     valid = (tokens >= 0) & (tokens < V)
     idx = torch.where(valid, tokens, 0).long()
-    logp = torch.where(valid, x.gather(-1, idx[:, None])[:, 0] - lse, float("nan"))
+    # (x - m) - log s, never x - lse (see log_softmax_parts)
+    picked = shifted.gather(-1, idx[:, None])[:, 0] - log_s if V > 0 else log_s
+    logp = torch.where(valid, picked, float("nan"))
     loss = -w * logp
     if not compute_grad:
         return loss, logits.new_empty((0,))
-    grad = (x - lse[:, None]).exp()
+    grad = (shifted - log_s[:, None]).exp()
     grad.scatter_add_(-1, idx[:, None], -valid[:, None].to(x.dtype))
     grad.mul_(w[:, None])
     return loss, grad.to(logits.dtype)
@@ -85,8 +86,8 @@ if HAS_TRITON:
             m_safe = tl.where(m == float("-inf"), 0.0, m)
             e = tl.exp(x - m_safe[:, None])
             s = tl.sum(e, axis=1)
-            lse = m_safe + tl.log(s)
-            tl.store(loss_ptr + rows, -w * (x_tok - lse), mask=row_ok)
+            # (x - m) - log s, never x - lse: lse is rounded at the logits' magnitude.
+            tl.store(loss_ptr + rows, -w * ((x_tok - m_safe) - tl.log(s)), mask=row_ok)
             if COMPUTE_GRAD:
                 onehot = (cols[None, :] == tok[:, None]).to(tl.float32)
                 g = w[:, None] * (e / s[:, None] - onehot)
@@ -104,8 +105,10 @@ if HAS_TRITON:
                 m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 s = tl.exp(m - m_new_safe) * s + tl.sum(tl.exp(x - m_new_safe[:, None]), axis=1)
                 m = m_new
-            lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
-            tl.store(loss_ptr + rows, -w * (x_tok - lse), mask=row_ok)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            log_s = tl.log(s)
+            lse = m_safe + log_s
+            tl.store(loss_ptr + rows, -w * ((x_tok - m_safe) - log_s), mask=row_ok)
             if COMPUTE_GRAD:
                 for v0 in range(0, V, BLOCK_V):
                     cols = v0 + tl.arange(0, BLOCK_V)

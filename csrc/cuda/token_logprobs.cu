@@ -43,11 +43,12 @@ token_logprobs_fwd_kernel(const typename E::storage* __restrict__ logits, int64_
   st = group_reduce<true, THREADS>(st);
   if (lane == 0) {
     const float log_s = logf(st.s);
-    const float l = stats_shift(st) + log_s;
+    const float shift = stats_shift(st);
     const int64_t t = load_token(tokens, tokens64, row);
-    lse_out[row] = l;
+    lse_out[row] = shift + log_s;
     ent_out[row] = log_s - st.a / st.s;
-    logp[row] = (t >= 0 && t < V) ? E::load(x[t]) - l : __int_as_float(0x7fc00000);
+    // (x - shift) - log s, never x - lse: lse is rounded at the logits' magnitude.
+    logp[row] = (t >= 0 && t < V) ? (E::load(x[t]) - shift) - log_s : __int_as_float(0x7fc00000);
   }
 }
 

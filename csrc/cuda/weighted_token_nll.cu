@@ -57,10 +57,10 @@ nll_cached_kernel(const typename E::storage* __restrict__ logits, int64_t stride
     }
   }
   s = warp_sum(s);
-  const float lse = shift + logf(s);
   const float w = weights[row];
   const int64_t t = load_token(tokens, tokens64, row);
-  if (lane == 0) loss[row] = -w * ((t >= 0 && t < V) ? E::load(x[t]) - lse : kNaN);
+  // (x - shift) - log s, never x - lse: lse is rounded at the logits' magnitude.
+  if (lane == 0) loss[row] = -w * ((t >= 0 && t < V) ? (E::load(x[t]) - shift) - logf(s) : kNaN);
   if (grad == nullptr) return;
   const float scale = w / s;  // softmax = e / s
   P* op = reinterpret_cast<P*>(grad + row * V);
@@ -105,10 +105,12 @@ nll_stream_kernel(const typename E::storage* __restrict__ logits, int64_t stride
     stats_add_values<false>(st, f);
   }
   st = group_reduce<false, THREADS>(st);
-  const float lse = stats_shift(st) + logf(st.s);
+  const float shift = stats_shift(st);
+  const float log_s = logf(st.s);
+  const float lse = shift + log_s;
   const float w = weights[row];
   const int64_t t = load_token(tokens, tokens64, row);
-  if (lane == 0) loss[row] = -w * ((t >= 0 && t < V) ? E::load(x[t]) - lse : kNaN);
+  if (lane == 0) loss[row] = -w * ((t >= 0 && t < V) ? (E::load(x[t]) - shift) - log_s : kNaN);
   if (grad == nullptr) return;
   typename E::storage* out = grad + row * V;
   P* op = reinterpret_cast<P*>(out);
