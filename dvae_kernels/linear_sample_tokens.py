@@ -207,22 +207,3 @@ def linear_sample_tokens(hidden: torch.Tensor, weight: torch.Tensor,
     seeds = draw_seeds(hidden.device, generator)
     tokens, logp = _op(x, w, b, seeds, t, name)
     return tokens.view(lead), logp.view(lead)
-
-
-# ---------------------------------------------------------------------------------------------
-# GPU compile check entries (python -m dvae_kernels._compile_check).
-# ---------------------------------------------------------------------------------------------
-
-COMPILE_CHECK = []
-if HAS_TRITON:
-    for _dt, _prec, _bias, _greedy, _bd in (("bf16", "tf32", True, False, 64),
-                                            ("fp32", "ieee", False, True, 16),
-                                            ("fp16", "tf32", False, False, 64)):
-        _k = {"HAS_BIAS": _bias, "GREEDY": _greedy, "BLOCK_N": BLOCK_N, "BLOCK_V": BLOCK_V,
-              "BLOCK_D": _bd, "DOT_FP32": False, "PRECISION": _prec}
-        COMPILE_CHECK.append((
-            _linear_sample_tokens_kernel,
-            {"h_ptr": f"*{_dt}", "w_ptr": f"*{_dt}", "b_ptr": f"*{_dt}", "seed_ptr": "*i64",
-             "tokens_ptr": "*i64", "logp_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32",
-             "stride_hn": "i32", "stride_hd": "i32", "stride_wv": "i32", "stride_wd": "i32",
-             "inv_t": "fp32", **dict.fromkeys(_k, "constexpr")}, _k))

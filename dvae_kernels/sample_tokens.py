@@ -358,21 +358,3 @@ def sample_tokens(logits: torch.Tensor, *, generator: torch.Generator | None = N
     seeds = draw_seeds(logits.device, generator)
     tokens, logp = _op(x, seeds, t, name)
     return tokens.view(lead), logp.view(lead)
-
-
-# ---------------------------------------------------------------------------------------------
-# GPU compile check entries (python -m dvae_kernels._compile_check): sampled and greedy, a
-# multi-row tile (small V) and a one-row tile, across the input dtypes.
-# ---------------------------------------------------------------------------------------------
-
-COMPILE_CHECK = []
-if HAS_TRITON:
-    for _dt, _greedy, (_br, _bv) in (("fp32", False, (4, 1024)), ("bf16", False, (1, 4096)),
-                                     ("fp16", True, (4, 1024)), ("bf16", True, (1, 4096))):
-        COMPILE_CHECK.append((
-            _sample_tokens_kernel,
-            {"logits_ptr": f"*{_dt}", "seed_ptr": "*i64", "tokens_ptr": "*i64",
-             "logp_ptr": "*fp32", "R": "i32", "V": "i32", "stride_row": "i32",
-             "inv_t": "fp32", "GREEDY": "constexpr", "BLOCK_R": "constexpr",
-             "BLOCK_V": "constexpr"},
-            {"GREEDY": _greedy, "BLOCK_R": _br, "BLOCK_V": _bv}))
