@@ -415,34 +415,6 @@ def build_records(workloads, archs: list[str], out: Path, keep_sass: list[str] |
     return records
 
 
-def non_triton_records(workloads, archs) -> list[dict]:
-    """Steps of an op that are not our kernels but move bytes: the eager scale of the
-    gradient in weighted_token_nll's CUDA backward (grad * grad_loss: read and write
-    [R, V])."""
-    out = []
-    for wl in workloads:
-        if wl.op != "weighted_token_nll" or wl.phase != "fwd" or PREDICTED_ARCH not in archs:
-            continue
-        from dvae_kernels import weighted_token_nll as _  # noqa: F401  (the op exists)
-        wnll = sys.modules["dvae_kernels.weighted_token_nll"]
-        if not getattr(wnll, "GRAD_IN_FORWARD_ON_CUDA", True):
-            continue
-        R, V = wl.shape["R"], wl.shape["V"]
-        it = {"bf16": 2, "fp16": 2, "fp32": 4}[wl.shape["dtype"]]
-        for gname, gpu in GPUS.items():
-            moved = 2 * R * V * it + R * 4
-            minimum = 2 * R * V * it + R * (8 + 8)  # the backward's own read and write
-            t = moved / gpu["copy_bytes_s"]
-            out.append({"op": wl.op, "phase": "bwd", "kernel": "torch: grad * grad_loss",
-                        "arch": PREDICTED_ARCH, "shape": wl.shape, "gpu": gname,
-                        "regs": None, "spills": None, "smem_bytes": None, "atomics": 0,
-                        "bytes_moved": moved, "bytes_min": minimum, "flops": 0,
-                        "predicted_ms": t * 1e3,
-                        "ideal_ms": minimum / gpu["copy_bytes_s"] * 1e3, "bound": "memory",
-                        "roofline_fraction": minimum / moved})
-    return out
-
-
 def summarise(records: list[dict]) -> list[dict]:
     """Per op, shape and GPU: fwd+bwd predicted and ideal time and the fraction."""
     groups: dict[tuple, dict] = {}
@@ -616,7 +588,6 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     wls = workloads_for(args.ops, args.quick)
     records = build_records(wls, args.arch, args.out, args.keep_sass)
-    records += non_triton_records(wls, args.arch)
     if not args.no_cuda and not args.ops:
         records += cuda_records(args.arch, args.out, args.keep_sass)
     summary = summarise(records)

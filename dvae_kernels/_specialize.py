@@ -154,19 +154,23 @@ def token_workloads(R: int, V: int, dtype: str = "bf16", token_dtype=torch.int64
     tokens = torch.empty(R, dtype=token_dtype, device=META)
     rowf = _t(R)
     out = [Workload("token_logprobs", "fwd", shape,
-                    lambda: tlp._triton_forward(logits, tokens)),
+                    lambda: tlp._triton_forward(logits, tokens, entropy)),
            Workload("token_logprobs", "bwd", shape,
                     lambda: tlp._triton_backward(rowf, rowf if entropy else None, logits,
                                                  tokens, rowf, rowf)),
            Workload("weighted_token_nll", "fwd", shape,
+                    lambda: wnll._triton_forward(logits, tokens, rowf, False)),
+           # The backward: the same kernel with the weights times the upstream gradient.
+           Workload("weighted_token_nll", "bwd", shape,
                     lambda: wnll._triton_forward(logits, tokens, rowf, True))]
     if all_variants:
-        out += [Workload("token_logprobs", "bwd_entropy_only", shape,
+        out += [Workload("token_logprobs", "fwd_entropy", shape,
+                         lambda: tlp._triton_forward(logits, tokens, True)),
+                Workload("token_logprobs", "bwd_entropy_only", shape,
                          lambda: tlp._triton_backward(None, rowf, logits, tokens, rowf, rowf)),
                 Workload("token_logprobs", "bwd_both", shape,
                          lambda: tlp._triton_backward(rowf, rowf, logits, tokens, rowf, rowf)),
-                Workload("weighted_token_nll", "fwd_nograd", shape,
-                         lambda: wnll._triton_forward(logits, tokens, rowf, False))]
+]
     return out
 
 

@@ -43,3 +43,33 @@ def unavailable(device: torch.device) -> str | None:
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+# Fast fp32 exponent and logarithm, base 2, for the kernels. On a GPU, ex2.approx.ftz and
+# lg2.approx.ftz: one MUFU instruction each (tl.math.exp2 compiles to the non-ftz ex2, which
+# wraps every MUFU in FSETP + two predicated FMULs for subnormal results; tl.log compiles to
+# libdevice's logf). Flushing subnormals turns exp2 results below 2^-126 (1e-38) into 0. The
+# interpreter cannot run inline PTX: there they are tl.math.exp2 / tl.math.log2.
+if HAS_TRITON:
+    LOG2E = tl.constexpr(1.4426950408889634)
+    LN2 = tl.constexpr(0.6931471805599453)
+    _FAST_MATH = tl.constexpr(not INTERPRET)
+
+    @triton.jit
+    def exp2_fast(x):
+        """2**x (fp32), one MUFU.EX2 on a GPU."""
+        if _FAST_MATH:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.math.exp2(x)
+
+    @triton.jit
+    def log2_fast(x):
+        """log2(x) (fp32), one MUFU.LG2 on a GPU."""
+        if _FAST_MATH:
+            return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.math.log2(x)
+
