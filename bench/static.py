@@ -196,9 +196,11 @@ def trips(launch, shape: dict) -> list[int]:
     name = launch.name
     V, D = shape.get("V", 1), shape.get("D", 1)
     bv, bd = _c(launch, "BLOCK_V", 1), _c(launch, "BLOCK_D", 1)
-    if name.startswith("_linear_token_logprobs_bwd") or name.startswith("_linear_dh") \
-            or name.startswith("_linear_dw"):
+    if name.startswith("_linear_token_logprobs_bwd"):
         return [_cdiv(D, bd)] if bd else []
+    if name.startswith("_linear_dw"):  # rows of the split (outer), D slices of the recompute
+        return [_cdiv(launch.ints.get("rows_per_split", 1), _c(launch, "BLOCK_N", 1)),
+                _cdiv(D, bd)]
     if name.startswith("_linear"):
         return [_cdiv(V, bv), _cdiv(D, bd)]
     if name.startswith("_weighted_token_nll") and _c(launch, "ONE_TILE", False):
@@ -206,7 +208,8 @@ def trips(launch, shape: dict) -> list[int]:
     return [_cdiv(V, bv)] if bv else []
 
 
-def traffic(op: str, phase: str, shape: dict, launch, l2_bytes: int) -> dict:
+def traffic(op: str, phase: str, shape: dict, launch, l2_bytes: int,
+            concurrent: int = 1) -> dict:
     """HBM bytes moved by the launch (model), the phase's minimum, and MMA FLOPs."""
     it = {"bf16": 2, "fp16": 2, "fp32": 4}[shape["dtype"]]
     tb = 8  # int64 token ids
@@ -255,6 +258,25 @@ def traffic(op: str, phase: str, shape: dict, launch, l2_bytes: int) -> dict:
         out["bytes_moved"] = h * h_reads + w + N * (tb + 12) + atomics + buffers
         out["atomic_bytes"] = atomics
         return out
+    if kind.startswith("_linear_dh"):
+        # grid (row blocks, D slices), row blocks fastest: each slice recomputes the logits
+        # (all of D) and re-reads h, from HBM when h does not fit in L2; the weight stays in L2.
+        slices = launch.grid[1]
+        h_reads = 1 if h <= fit else slices
+        return {"bytes_moved": h * h_reads + w + N * (tb + 12) + N * D * it,
+                "bytes_min": h + w + N * (tb + 12) + N * D * it,
+                "flops": (2 * slices + 2) * N * D * V, "flops_min": 4 * N * D * V}
+    if kind.startswith("_linear_dw"):
+        # grid (V tiles, D slices, row splits): the programs of one split read the same rows
+        # of h; they run together only as far as the GPU holds them (concurrent programs).
+        slices, splits = launch.grid[1], launch.grid[2]
+        per_split = launch.grid[0] * slices
+        h_reads = 1 if h <= fit else _cdiv(per_split, max(1, concurrent))
+        partials = splits * V * D * 4
+        moved = h * h_reads + w + N * (tb + 12) + partials * (2 if splits > 1 else 1) \
+            + V * D * it
+        return {"bytes_moved": moved, "bytes_min": V * D * it,
+                "flops": (2 * slices + 2) * N * D * V, "flops_min": 2 * N * D * V}
     out["bytes_moved"] = out["bytes_min"]
     return out
 
@@ -286,7 +308,8 @@ def predict(rec: dict, gpu: dict) -> dict:
     t_mma = rec["flops"] / (gpu["bf16_flops_s"] * busy)
     terms = {"memory": t_mem, "issue": t_issue, "mufu": t_mufu, "mma": t_mma}
     bound = max(terms, key=terms.get)
-    ideal = max(rec["bytes_min"] / gpu["copy_bytes_s"], rec["flops"] / gpu["bf16_flops_s"])
+    ideal = max(rec["bytes_min"] / gpu["copy_bytes_s"],
+                rec.get("flops_min", rec["flops"]) / gpu["bf16_flops_s"])
     pred = terms[bound]
     return {"predicted_ms": pred * 1e3, "ideal_ms": ideal * 1e3, "bound": bound,
             "terms_ms": {k: v * 1e3 for k, v in terms.items()},
@@ -396,7 +419,8 @@ def build_records(workloads, archs: list[str], out: Path, keep_sass: list[str] |
             }
             for gname, gpu in GPUS.items():
                 rec = dict(base, gpu=gname if arch == PREDICTED_ARCH else None)
-                rec.update(traffic(wl.op, wl.phase, wl.shape, launch, gpu["l2_bytes"]))
+                rec.update(traffic(wl.op, wl.phase, wl.shape, launch, gpu["l2_bytes"],
+                                   gpu["sms"] * max(1, ctas)))
                 elements = wl.shape.get("R", wl.shape.get("N")) * wl.shape["V"]
                 rec["dynamic_per_element"] = {
                     k: v * warps * launch.programs / elements for k, v in dynamic.items()}

@@ -37,6 +37,7 @@ class Launch:
     attrs: dict
     options: dict
     grid: tuple[int, int, int]
+    ints: dict = dataclasses.field(default_factory=dict)  # the integer arguments' values
 
     @property
     def name(self) -> str:
@@ -86,14 +87,21 @@ def capture(capability: int = 90) -> Iterator[list[Launch]]:
             backend, kwargs, bound_args, specialization, options)
         g = grid(bound_args) if callable(grid) else grid
         g = tuple(int(x) for x in g) + (1,) * (3 - len(g))
-        launches.append(Launch(self, signature, constexprs, attrs, dict(options.__dict__), g))
+        ints = {k: v for k, v in bound_args.items()
+                if isinstance(v, int) and not isinstance(v, bool)}
+        launches.append(Launch(self, signature, constexprs, attrs, dict(options.__dict__), g,
+                               ints))
         return None
 
+    from . import _triton
+
     jit.JITFunction.run = run
+    _triton.CAPABILITY_OVERRIDE = capability
     try:
         yield launches
     finally:
         jit.JITFunction.run = original
+        _triton.CAPABILITY_OVERRIDE = None
 
 
 def compile_launch(launch: Launch, capability: int):

@@ -41,6 +41,21 @@ def unavailable(device: torch.device) -> str | None:
     return f"Triton does not run on {device.type} tensors"
 
 
+# Set by dvae_kernels._specialize.capture while it records launches for a given architecture.
+CAPABILITY_OVERRIDE: int | None = None
+
+
+def target_capability(device: torch.device) -> int | None:
+    """Compute capability (90 for sm_90) the kernels are compiled for on ``device``; None for
+    the interpreter."""
+    if CAPABILITY_OVERRIDE is not None:
+        return CAPABILITY_OVERRIDE
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return None
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
