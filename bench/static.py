@@ -201,8 +201,11 @@ def trips(launch, shape: dict) -> list[int]:
     if name.startswith("_linear_dw"):  # rows of the split (outer), D slices of the recompute
         return [_cdiv(launch.ints.get("rows_per_split", 1), _c(launch, "BLOCK_N", 1)),
                 _cdiv(D, bd)]
+    if name == "_merge_kernel":  # two loops over the splits
+        return [launch.ints.get("SPLITS", 1)]
     if name.startswith("_linear"):
-        return [_cdiv(V, bv), _cdiv(D, bd)]
+        cols = launch.ints.get("cols_per_split", V)  # a vocabulary split, or all of it
+        return [_cdiv(min(cols, V), bv), _cdiv(D, bd)]
     if name.startswith("_weighted_token_nll") and _c(launch, "ONE_TILE", False):
         return []
     return [_cdiv(V, bv)] if bv else []
@@ -238,8 +241,13 @@ def traffic(op: str, phase: str, shape: dict, launch, l2_bytes: int,
     bn, bv = _c(launch, "BLOCK_N", 64), _c(launch, "BLOCK_V", 64)
     row_blocks, v_tiles = _cdiv(N, bn), _cdiv(V, bv)
     w_reads = 1 if w <= fit else row_blocks
+    if launch.name == "_merge_kernel":  # reads the partial states, writes the outputs
+        splits = launch.ints.get("SPLITS", 1)
+        return {"bytes_moved": 6 * 4 * splits * N + N * (tb + 4), "bytes_min": 0, "flops": 0}
     if op == "linear_sample_tokens":
-        moved = h + w * w_reads + N * (tb + 4)
+        splits = launch.grid[1]
+        moved = h * splits + w * w_reads + N * (tb + 4) + (6 * 4 * splits * N if splits > 1
+                                                           else 0)
         return {"bytes_moved": moved, "bytes_min": h + w + N * (tb + 4), "flops": 2 * N * D * V}
     if phase == "fwd":
         moved = h + w * w_reads + N * (tb + 12)

@@ -28,8 +28,9 @@ from the torch generator by a device-side ``torch.randint`` (advancing it like a
 the kernel reads them from device memory, so there is no host synchronisation and a
 CUDA-graph capture replays with fresh seeds from the captured generator. Resolution: ``u`` has
 23 bits, so ``G`` is clipped to [-2.81, 16.6]; each tail it drops has probability 6e-8.
-Backends agree exactly on the stream's integers and on ``u``; ``log`` may differ by one float32
-ulp between libraries, which can change a sample only when two candidates' scores are that close.
+Backends agree exactly on the stream's integers and on ``u``; ``log`` may differ by a float32
+ulp or two between libraries (the Triton kernels use the GPU's ``lg2.approx`` for ``G``), which
+can change a sample only when two candidates' scores are that close.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ import torch
 
 from . import _dispatch, _validate
 from ._triton import HAS_TRITON, next_power_of_2, tl, triton
+
+if HAS_TRITON:
+    from ._triton import LN2, LOG2E, exp2_fast, log2_fast
 from .token_logprobs import _acc_dtype, log_softmax_parts
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +151,9 @@ def _torch_forward(logits: torch.Tensor, seeds: torch.Tensor, temperature: float
 # Triton backend
 # ---------------------------------------------------------------------------------------------
 
-_TILE = 4096
+# One warp per program over up to 2048 logits (row reductions by shuffles only).
+_TILE = 2048
+_WARPS = 1
 
 if HAS_TRITON:
 
@@ -169,9 +175,11 @@ if HAS_TRITON:
 
     @triton.jit
     def gumbel_tl(keys, cols):
+        """-log(-log u) as -ln2·log2(-ln2·log2 u): two MUFU.LG2 on a GPU (tl.log is
+        libdevice's logf, about twenty instructions each)."""
         bits = _mix32_tl(keys[:, None] ^ cols.to(tl.uint32)[None, :])
         u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2^-23
-        return -tl.log(-tl.log(u))
+        return log2_fast(log2_fast(u) * (-LN2)) * (-LN2)
 
     @triton.jit
     def sample_init(BLOCK_R: tl.constexpr):
@@ -201,7 +209,8 @@ if HAS_TRITON:
             score = z + gumbel_tl(keys, cols)
             m_new = tl.maximum(m, tl.max(z, axis=1))
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = tl.exp(m - m_new_safe) * s + tl.sum(tl.exp(z - m_new_safe[:, None]), axis=1)
+            s = exp2_fast((m - m_new_safe) * LOG2E) * s \
+                + tl.sum(exp2_fast((z - m_new_safe[:, None]) * LOG2E), axis=1)
             m = m_new
             m_safe = m_new_safe
         tmax = tl.max(score, axis=1)
@@ -261,7 +270,7 @@ def _triton_forward(logits: torch.Tensor, seeds: torch.Tensor, temperature: floa
     _sample_tokens_kernel[(triton.cdiv(R, block_r),)](
         logits, seeds, tokens, logp, R, V, logits.stride(0),
         1.0 if greedy else 1.0 / temperature,
-        GREEDY=greedy, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=4,
+        GREEDY=greedy, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=_WARPS,
     )
     return tokens, logp
 
