@@ -56,6 +56,19 @@ def target_capability(device: torch.device) -> int | None:
     return None
 
 
+def vec16(x: torch.Tensor, *others: torch.Tensor) -> int:
+    """Elements per 16 bytes when every row of the 2-D ``x`` (and of ``others``) starts on a
+    16-byte boundary and the row length is a multiple of 16 bytes, else 1. Kernels then tell
+    the compiler (``tl.multiple_of``) so that rows of V = 1000 bf16 logits load 16 bytes at a
+    time, which Triton's own specialisation (multiples of 16 elements) cannot see."""
+    vec = 16 // x.element_size()
+    for t in (x, *others):
+        if (t.data_ptr() % 16 or t.shape[-1] % vec or (t.shape[0] > 1 and t.stride(0) % vec)
+                or t.stride(-1) != 1):
+            return 1
+    return vec
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 

@@ -40,7 +40,7 @@ import math
 import torch
 
 from . import _dispatch, _validate
-from ._triton import HAS_TRITON, next_power_of_2, tl, triton
+from ._triton import HAS_TRITON, next_power_of_2, tl, triton, vec16
 
 if HAS_TRITON:
     from ._triton import LN2, LOG2E, exp2_fast, log2_fast
@@ -235,9 +235,13 @@ if HAS_TRITON:
     def _sample_tokens_kernel(
         logits_ptr, seed_ptr, tokens_ptr, logp_ptr, R, V, stride_row, inv_t,
         GREEDY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+        VEC: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < R
+        if VEC > 1:  # 16-byte rows: vector loads (as in token_logprobs)
+            V = (V // VEC) * VEC
+            stride_row = (stride_row // VEC) * VEC
         row_off = rows.to(tl.int64) * stride_row
         keys = row_keys_tl(seed_ptr, rows)
         m, m_safe, s, best, bidx, bz, nans = sample_init(BLOCK_R)
@@ -270,7 +274,7 @@ def _triton_forward(logits: torch.Tensor, seeds: torch.Tensor, temperature: floa
     _sample_tokens_kernel[(triton.cdiv(R, block_r),)](
         logits, seeds, tokens, logp, R, V, logits.stride(0),
         1.0 if greedy else 1.0 / temperature,
-        GREEDY=greedy, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=_WARPS,
+        GREEDY=greedy, BLOCK_R=block_r, BLOCK_V=block_v, VEC=vec16(logits), num_warps=_WARPS,
     )
     return tokens, logp
 

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from . import _dispatch, _validate
-from ._triton import HAS_TRITON, next_power_of_2, tl, triton
+from ._triton import HAS_TRITON, next_power_of_2, tl, triton, vec16
 
 if HAS_TRITON:
     from ._triton import LN2, LOG2E, exp2_fast
@@ -114,6 +114,7 @@ if HAS_TRITON:
         logits_ptr, tokens_ptr, logp_ptr, lse_ptr, ent_ptr,
         n_rows, V, stride_row,
         WITH_ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+        VEC: tl.constexpr,
     ):
         # e = 2^((x - m)·log2 e): FADD, FMUL, one MUFU.EX2 (ftz). x - m is exact for the
         # maximum itself and rounded at the scale of the difference, never of the logits; the
@@ -121,6 +122,10 @@ if HAS_TRITON:
         # a = Σ e·d2 with d2 = (x - m)·log2 e, H = (log2 s - a/s)·ln 2.
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < n_rows
+        if VEC > 1:  # rows start on 16 bytes and V is a multiple of 16 bytes: vector loads
+            # (a product by a constexpr is what the compiler's divisibility analysis sees)
+            V = (V // VEC) * VEC
+            stride_row = (stride_row // VEC) * VEC
         row_off = rows.to(tl.int64) * stride_row
         m = tl.full([BLOCK_R], float("-inf"), tl.float32)  # running max (may stay -inf)
         m_safe = tl.zeros([BLOCK_R], tl.float32)  # finite version used as the shift
@@ -159,10 +164,14 @@ if HAS_TRITON:
         glogp_ptr, gent_ptr, logits_ptr, tokens_ptr, lse_ptr, ent_ptr, grad_ptr,
         n_rows, V, stride_row, stride_grad,
         HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < n_rows
+        if VEC > 1:  # 16-byte rows in and out: vector loads and stores (see the forward)
+            V = (V // VEC) * VEC
+            stride_row = (stride_row // VEC) * VEC
+            stride_grad = (stride_grad // VEC) * VEC
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         tok = tl.load(tokens_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
         if HAS_GLOGP:
@@ -205,7 +214,8 @@ def _triton_forward(logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bo
     block_r, block_v = _tile(V)
     _token_logprobs_fwd_kernel[(triton.cdiv(R, block_r),)](
         logits, tokens, logp, lse, ent if with_entropy else lse, R, V, logits.stride(0),
-        WITH_ENTROPY=with_entropy, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=_WARPS,
+        WITH_ENTROPY=with_entropy, BLOCK_R=block_r, BLOCK_V=block_v, VEC=vec16(logits),
+        num_warps=_WARPS,
     )
     return logp, lse, ent
 
@@ -223,7 +233,7 @@ def _triton_backward(grad_logp, grad_entropy, logits, tokens, lse, entropy):
         logits, tokens, lse, entropy if grad_entropy is not None else dummy, grad, R, V,
         logits.stride(0), grad.stride(0),
         HAS_GLOGP=grad_logp is not None, HAS_GENT=grad_entropy is not None,
-        BLOCK_R=block_r, BLOCK_V=block_v, num_warps=_WARPS,
+        BLOCK_R=block_r, BLOCK_V=block_v, VEC=vec16(logits, grad), num_warps=_WARPS,
     )
     return grad
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import _dispatch, _validate
-from ._triton import HAS_TRITON, next_power_of_2, tl, triton
+from ._triton import HAS_TRITON, next_power_of_2, tl, triton, vec16
 from .token_logprobs import MAX_V, _acc_dtype, log_softmax_parts
 
 if HAS_TRITON:
@@ -67,12 +67,16 @@ if HAS_TRITON:
         logits_ptr, tokens_ptr, weights_ptr, loss_ptr, grad_ptr,
         n_rows, V, stride_row, stride_grad,
         COMPUTE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
-        ONE_TILE: tl.constexpr,
+        ONE_TILE: tl.constexpr, VEC: tl.constexpr,
     ):
         # e = 2^((x - m)·log2 e) (FADD, FMUL, one MUFU.EX2); loss = -w·((x_t - m) - log s),
         # never x - lse; gradient w·e/s - w·onehot, the scale w/s in fp32 until the store.
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < n_rows
+        if VEC > 1:  # 16-byte rows: vector loads and stores (as in token_logprobs)
+            V = (V // VEC) * VEC
+            stride_row = (stride_row // VEC) * VEC
+            stride_grad = (stride_grad // VEC) * VEC
         row_off = rows.to(tl.int64) * stride_row
         tok = tl.load(tokens_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         tok_ok = (tok >= 0) & (tok < V)
@@ -145,7 +149,8 @@ def _triton_forward(logits, tokens, weights, compute_grad: bool):
         logits, tokens, weights, loss, grad if compute_grad else loss,
         R, V, logits.stride(0), grad.stride(0) if compute_grad else 0,
         COMPUTE_GRAD=compute_grad, BLOCK_R=block_r, BLOCK_V=block_v,
-        ONE_TILE=V <= block_v, num_warps=_WARPS,
+        ONE_TILE=V <= block_v, VEC=vec16(logits, *((grad,) if compute_grad else ())),
+        num_warps=_WARPS,
     )
     return loss, grad
 

@@ -56,7 +56,9 @@ def test_specialisation_matches_a_real_launch():
     assert "V" not in fwd1000["div"] and "stride_row" not in fwd1000["div"]
     assert "logits_ptr" in fwd1000["div"]  # the allocation itself is aligned
     block_r, block_v = spec["expected"]["tile"]
-    assert fwd1024["const"] == {"WITH_ENTROPY": False, "BLOCK_R": block_r, "BLOCK_V": block_v}
+    assert fwd1024["const"] == {"WITH_ENTROPY": False, "BLOCK_R": block_r, "BLOCK_V": block_v,
+                                "VEC": 8}
+    assert fwd1000["const"]["VEC"] == 8  # 1000 bf16 logits: 2000-byte rows, 16-byte aligned
     assert fwd1024["warps"] == spec["expected"]["warps"]
     assert fwd1024["grid"] == [64 // block_r, 1, 1]
     # Unit strides of the linear ops are constexprs in a real launch.
@@ -84,3 +86,25 @@ def test_static_report_subset_has_the_fields_and_no_spills(tmp_path):
         assert "MUFU.EX2" in sass  # the softmax's exponentials
         assert sum(r["dynamic_per_warp"].values()) > 0
     assert "fwd+bwd per op" in proc.stdout
+
+
+VEC_SCRIPT = """
+import re
+from pathlib import Path
+from bench import static as B
+from dvae_kernels import _specialize as S
+for wl, launch in S.launches_of(S.token_workloads(64, 1000), 90):
+    if wl.label == "token_logprobs.bwd":
+        sass = B.disassemble(S.compile_launch(launch, 90).asm["cubin"], Path(OUT), "k")
+        print(len(re.findall(r"LDG\\.E\\.128", sass)), len(re.findall(r"STG\\.E\\.128", sass)),
+              len(re.findall(r"LDG\\.E\\.U16", sass)))
+"""
+
+
+def test_rows_of_1000_bf16_logits_load_and_store_16_bytes(tmp_path):
+    """V = 1000 is not a multiple of 16 elements (Triton's specialisation) but its bf16 rows
+    are 16-byte aligned: the kernels say so, and the compiled code moves 16 bytes at a time."""
+    proc = _run(["-c", f"OUT = {str(tmp_path)!r}\n" + VEC_SCRIPT])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ldg128, stg128, ldg16 = map(int, proc.stdout.split())
+    assert ldg128 >= 8 and stg128 >= 8 and ldg16 == 0, proc.stdout

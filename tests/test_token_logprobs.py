@@ -182,3 +182,14 @@ def test_entropy_only_when_asked(backend):
     dk.token_logprobs(xa, t, backend=backend).sum().backward()
     dk.token_logprobs(xb, t, return_entropy=True, backend=backend)[0].sum().backward()
     torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=0)
+
+
+def test_vec16_only_for_16_byte_rows():
+    from dvae_kernels._triton import vec16
+
+    assert vec16(torch.empty(4, 1000, dtype=torch.bfloat16)) == 8
+    assert vec16(torch.empty(4, 1000)) == 4
+    assert vec16(torch.empty(4, 1001, dtype=torch.bfloat16)) == 1
+    assert vec16(torch.empty(4, 1024, dtype=torch.bfloat16)[:, 1:1001]) == 1  # offset start
+    assert vec16(torch.empty(4, 1004, dtype=torch.bfloat16)[:, :1000]) == 1  # row stride 1004
+    assert vec16(torch.empty(4, 1000), torch.empty(4, 999)) == 1
