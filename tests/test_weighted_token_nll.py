@@ -1,4 +1,4 @@
-"""weighted_token_nll against a float64 transcription; gradient-in-forward semantics."""
+"""weighted_token_nll against a float64 transcription; gradient-in-backward semantics."""
 
 import pytest
 import torch
