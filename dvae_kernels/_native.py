@@ -31,13 +31,18 @@ def _refuse_float64(name: str, t: torch.Tensor) -> str | None:
 # ----------------------------------------------------------------------------- token_logprobs
 
 
-def _token_logprobs_forward(logits, tokens):
-    return _csrc.ops().token_logprobs_fwd(logits, tokens)
+def _token_logprobs_forward(logits, tokens, with_entropy: bool = True):
+    logp, lse, ent = _csrc.ops().token_logprobs_fwd(logits, tokens)
+    # The C++ kernels compute the entropy in the same pass; the op's contract is an empty
+    # tensor when it was not asked for.
+    return logp, lse, ent if with_entropy else ent.new_empty((0,))
 
 
 def _token_logprobs_backward(grad_logp, grad_entropy, logits, tokens, lse, entropy):
+    # Without an entropy gradient the kernel never reads the entropy, which is then empty
+    # (not computed); lse stands in for it in the shape check.
     return _csrc.ops().token_logprobs_bwd(grad_logp, grad_entropy, logits, tokens, lse,
-                                          entropy)
+                                          entropy if grad_entropy is not None else lse)
 
 
 def _token_logprobs_supports(logits, tokens) -> str | None:

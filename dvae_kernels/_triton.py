@@ -41,5 +41,63 @@ def unavailable(device: torch.device) -> str | None:
     return f"Triton does not run on {device.type} tensors"
 
 
+# Set by dvae_kernels._specialize.capture while it records launches for a given architecture.
+CAPABILITY_OVERRIDE: int | None = None
+
+
+def target_capability(device: torch.device) -> int | None:
+    """Compute capability (90 for sm_90) the kernels are compiled for on ``device``; None for
+    the interpreter."""
+    if CAPABILITY_OVERRIDE is not None:
+        return CAPABILITY_OVERRIDE
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return None
+
+
+def vec16(x: torch.Tensor, *others: torch.Tensor) -> int:
+    """Elements per 16 bytes when every row of the 2-D ``x`` (and of ``others``) starts on a
+    16-byte boundary and the row length is a multiple of 16 bytes, else 1. Kernels then tell
+    the compiler (``tl.multiple_of``) so that rows of V = 1000 bf16 logits load 16 bytes at a
+    time, which Triton's own specialisation (multiples of 16 elements) cannot see."""
+    vec = 16 // x.element_size()
+    for t in (x, *others):
+        if (t.data_ptr() % 16 or t.shape[-1] % vec or (t.shape[0] > 1 and t.stride(0) % vec)
+                or t.stride(-1) != 1):
+            return 1
+    return vec
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+# Fast fp32 exponent and logarithm, base 2, for the kernels. On a GPU, ex2.approx.ftz and
+# lg2.approx.ftz: one MUFU instruction each (tl.math.exp2 compiles to the non-ftz ex2, which
+# wraps every MUFU in FSETP + two predicated FMULs for subnormal results; tl.log compiles to
+# libdevice's logf). Flushing subnormals turns exp2 results below 2^-126 (1e-38) into 0. The
+# interpreter cannot run inline PTX: there they are tl.math.exp2 / tl.math.log2.
+if HAS_TRITON:
+    LOG2E = tl.constexpr(1.4426950408889634)
+    LN2 = tl.constexpr(0.6931471805599453)
+    _FAST_MATH = tl.constexpr(not INTERPRET)
+
+    @triton.jit
+    def exp2_fast(x):
+        """2**x (fp32), one MUFU.EX2 on a GPU."""
+        if _FAST_MATH:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.math.exp2(x)
+
+    @triton.jit
+    def log2_fast(x):
+        """log2(x) (fp32), one MUFU.LG2 on a GPU."""
+        if _FAST_MATH:
+            return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.math.log2(x)
+

@@ -13,10 +13,14 @@ by the flattened row and the vocabulary column, so for the same generator state 
 logits (a matmul's summation order differs between libraries; a sample changes only where two
 candidates' scores are within that rounding).
 
-Kernel plan (Triton): a program owns BLOCK_N rows and walks the vocabulary in BLOCK_V tiles;
-each tile's logits come from ``tl.dot`` over BLOCK_D slices of the hidden size (the tile
-routine of linear_token_logprobs), then feed the same one-pass Gumbel-max and log-sum-exp
-state as sample_tokens. Memory: O(N) outputs, nothing of size N·V.
+Kernel plan (Triton): a program owns BLOCK_N rows and walks its split of the vocabulary in
+BLOCK_V tiles; each tile's logits come from ``tl.dot`` over BLOCK_D slices of the hidden size
+(the tile routine of linear_token_logprobs), then feed the same one-pass Gumbel-max and
+log-sum-exp state as sample_tokens. With few rows (the autoregressive sampler's 512) the
+vocabulary is split across programs so that the launch fills the GPU, and a second small
+kernel merges the splits' partial states (max, sum, best score, its column and logit, NaN
+count) in column order: the same token and log-probability as one pass. Memory: O(N·splits)
+partial states, nothing of size N·V.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from .sample_tokens import check_sampling_args, draw_seeds, torch_sample_rows
 from .token_logprobs import _acc_dtype
 
 if HAS_TRITON:
+    from ._triton import LOG2E, exp2_fast
     from .linear_token_logprobs import _logits_tile
     from .sample_tokens import row_keys_tl, sample_finish, sample_init, sample_step
 
@@ -74,19 +79,24 @@ if HAS_TRITON:
 
     @triton.jit
     def _linear_sample_tokens_kernel(
-        h_ptr, w_ptr, b_ptr, seed_ptr, tokens_ptr, logp_ptr,
-        N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, inv_t,
+        h_ptr, w_ptr, b_ptr, seed_ptr, tokens_ptr, logp_ptr, part_f_ptr, part_i_ptr,
+        N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, inv_t, cols_per_split,
         HAS_BIAS: tl.constexpr, GREEDY: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ):
+        """Rows of one row block over one split of the vocabulary (all of it when not SPLIT:
+        then the token and its log-probability are written, else the split's partial state
+        (max, sum, best score, its z; column and NaN count) for _merge_kernel)."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         keys = row_keys_tl(seed_ptr, rows)
         m, m_safe, s, best, bidx, bz, nans = sample_init(BLOCK_N)
-        for v0 in range(0, V, BLOCK_V):
+        c_begin = tl.program_id(1) * cols_per_split
+        c_end = tl.minimum(c_begin + cols_per_split, V)
+        for v0 in range(c_begin, c_end, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
-            col_ok = cols < V
+            col_ok = cols < c_end
             x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D,
                              stride_hn, stride_hd, stride_wv, stride_wd,
                              HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, PRECISION)
@@ -94,9 +104,69 @@ if HAS_TRITON:
             m, m_safe, s, best, bidx, bz, nans = sample_step(
                 x, v0, cols, keys, inv_t, m, m_safe, s, best, bidx, bz, nans,
                 GREEDY, BLOCK_V)
+        if SPLIT:
+            base = tl.program_id(1).to(tl.int64) * N + rows
+            n4 = N.to(tl.int64) * tl.num_programs(1)
+            tl.store(part_f_ptr + base, m, mask=row_ok)
+            tl.store(part_f_ptr + n4 + base, s, mask=row_ok)
+            tl.store(part_f_ptr + 2 * n4 + base, best, mask=row_ok)
+            tl.store(part_f_ptr + 3 * n4 + base, bz, mask=row_ok)
+            tl.store(part_i_ptr + base, bidx, mask=row_ok)
+            tl.store(part_i_ptr + n4 + base, nans, mask=row_ok)
+        else:
+            logp = sample_finish(m, m_safe, s, bz, nans, GREEDY)
+            tl.store(tokens_ptr + rows, bidx.to(tl.int64), mask=row_ok)
+            tl.store(logp_ptr + rows, logp, mask=row_ok)
+
+    @triton.jit
+    def _merge_kernel(part_f_ptr, part_i_ptr, tokens_ptr, logp_ptr, N, SPLITS,
+                      GREEDY: tl.constexpr, BLOCK: tl.constexpr):
+        """Merge the splits' partial states in split (column) order: the same token and
+        log-probability as one pass over the whole vocabulary."""
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        row_ok = rows < N
+        n4 = N.to(tl.int64) * SPLITS
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        for k in range(0, SPLITS):
+            m = tl.maximum(m, tl.load(part_f_ptr + k * N + rows, mask=row_ok,
+                                      other=float("-inf")))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        s = tl.zeros([BLOCK], tl.float32)
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        bz = tl.full([BLOCK], float("-inf"), tl.float32)
+        bidx = tl.zeros([BLOCK], tl.int32)
+        nans = tl.zeros([BLOCK], tl.int32)
+        for k in range(0, SPLITS):
+            off = k * N + rows
+            m_k = tl.load(part_f_ptr + off, mask=row_ok, other=float("-inf"))
+            s_k = tl.load(part_f_ptr + n4 + off, mask=row_ok, other=0.0)
+            if GREEDY:  # s counts the maxima
+                s += tl.where(m_k == m, s_k, 0.0)
+            else:  # s_k = Σ exp(z - m_k) (0 when m_k = -inf)
+                s += s_k * exp2_fast((m_k - m_safe) * LOG2E)
+            best_k = tl.load(part_f_ptr + 2 * n4 + off, mask=row_ok, other=float("-inf"))
+            better = best_k > best  # strict: an earlier split wins ties
+            best = tl.where(better, best_k, best)
+            bz = tl.where(better, tl.load(part_f_ptr + 3 * n4 + off, mask=row_ok), bz)
+            bidx = tl.where(better, tl.load(part_i_ptr + off, mask=row_ok), bidx)
+            nans += tl.load(part_i_ptr + n4 + off, mask=row_ok, other=0)
         logp = sample_finish(m, m_safe, s, bz, nans, GREEDY)
         tl.store(tokens_ptr + rows, bidx.to(tl.int64), mask=row_ok)
         tl.store(logp_ptr + rows, logp, mask=row_ok)
+
+
+# Programs wanted for a launch (two per SM of a 132-SM H100): with few rows the vocabulary is
+# split across programs and the partial states merged, so that 512 rows fill the GPU.
+_PROGRAMS = 264
+_MERGE_BLOCK = 32
+
+
+def _vocab_splits(N: int, V: int) -> tuple[int, int]:
+    """(splits, columns per split, a multiple of BLOCK_V)."""
+    tiles = triton.cdiv(V, BLOCK_V)
+    splits = max(1, min(tiles, triton.cdiv(_PROGRAMS, triton.cdiv(N, BLOCK_N))))
+    per_split = triton.cdiv(tiles, splits) * BLOCK_V
+    return triton.cdiv(V, per_split), per_split
 
 
 def _triton_forward(hidden, weight, bias, seeds, temperature: float):
@@ -108,13 +178,24 @@ def _triton_forward(hidden, weight, bias, seeds, temperature: float):
         return tokens, logp
     dot_fp32, precision = _dot_config(hidden.dtype)
     greedy = temperature == 0.0
-    _linear_sample_tokens_kernel[(triton.cdiv(N, BLOCK_N),)](
+    splits, per_split = _vocab_splits(N, V)
+    part_f = torch.empty((4, splits, N) if splits > 1 else (1,), dtype=torch.float32,
+                         device=hidden.device)
+    part_i = torch.empty((2, splits, N) if splits > 1 else (1,), dtype=torch.int32,
+                         device=hidden.device)
+    _linear_sample_tokens_kernel[(triton.cdiv(N, BLOCK_N), splits)](
         hidden, weight, bias if bias is not None else weight, seeds, tokens, logp,
+        part_f, part_i,
         N, V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        1.0 if greedy else 1.0 / temperature,
+        1.0 if greedy else 1.0 / temperature, per_split,
         HAS_BIAS=bias is not None, GREEDY=greedy, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V,
-        BLOCK_D=_block_d(D), DOT_FP32=dot_fp32, PRECISION=precision, num_warps=4,
+        BLOCK_D=_block_d(D), DOT_FP32=dot_fp32, PRECISION=precision, SPLIT=splits > 1,
+        num_warps=4,
     )
+    if splits > 1:
+        _merge_kernel[(triton.cdiv(N, _MERGE_BLOCK),)](
+            part_f, part_i, tokens, logp, N, splits, GREEDY=greedy, BLOCK=_MERGE_BLOCK,
+            num_warps=1)
     return tokens, logp
 
 
@@ -207,22 +288,3 @@ def linear_sample_tokens(hidden: torch.Tensor, weight: torch.Tensor,
     seeds = draw_seeds(hidden.device, generator)
     tokens, logp = _op(x, w, b, seeds, t, name)
     return tokens.view(lead), logp.view(lead)
-
-
-# ---------------------------------------------------------------------------------------------
-# GPU compile check entries (python -m dvae_kernels._compile_check).
-# ---------------------------------------------------------------------------------------------
-
-COMPILE_CHECK = []
-if HAS_TRITON:
-    for _dt, _prec, _bias, _greedy, _bd in (("bf16", "tf32", True, False, 64),
-                                            ("fp32", "ieee", False, True, 16),
-                                            ("fp16", "tf32", False, False, 64)):
-        _k = {"HAS_BIAS": _bias, "GREEDY": _greedy, "BLOCK_N": BLOCK_N, "BLOCK_V": BLOCK_V,
-              "BLOCK_D": _bd, "DOT_FP32": False, "PRECISION": _prec}
-        COMPILE_CHECK.append((
-            _linear_sample_tokens_kernel,
-            {"h_ptr": f"*{_dt}", "w_ptr": f"*{_dt}", "b_ptr": f"*{_dt}", "seed_ptr": "*i64",
-             "tokens_ptr": "*i64", "logp_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32",
-             "stride_hn": "i32", "stride_hd": "i32", "stride_wv": "i32", "stride_wd": "i32",
-             "inv_t": "fp32", **dict.fromkeys(_k, "constexpr")}, _k))

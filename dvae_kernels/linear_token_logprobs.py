@@ -18,18 +18,22 @@ accumulator), then updates an online maximum ``m``, ``s = Σ exp(x - m)`` and
 ``a = Σ exp(x - m)·(x - m)`` as in token_logprobs (``lse = m + log s``,
 ``entropy = log s - a/s``), and picks the sampled token's logit out of the tile.
 
-Backward: recompute, not gradient-in-forward. A program owns one [BLOCK_N, BLOCK_V] tile:
-it recomputes the logits tile from the saved row statistics (lse, entropy), forms
-``dlogits = g_logp·(onehot - p) - g_entropy·p·(log p + entropy)`` in registers, and adds
-``dlogits @ weight_tile`` into grad_hidden, ``dlogitsᵀ @ hidden_tile`` into grad_weight and the
-column sums into grad_bias with fp32 atomics. Why recompute: storing dlogits (or p) is the
-[N, V] tensor this op exists to avoid, and computing the gradient inside the forward (as
-Liger-Kernel's fused cross-entropy does) needs the upstream gradient before it exists. That is
-known only for a scalar loss whose gradient is 1; here logp and entropy feed arbitrary
-downstream code (DAPS weights, KL terms), and the two outputs have independent gradients.
-Recompute costs one extra N·V·D matmul: four instead of the materialised path's three
-(+33% FLOPs) for O(N + V·D) memory. The atomics make the gradient's last bits depend on the
-order in which tiles finish (not bitwise deterministic on GPU).
+Backward: recompute, not gradient-in-forward, and no atomics. Two kernels recompute the
+logits tiles from the saved row statistics (lse, entropy) and form
+``dlogits = g_logp·(onehot - p) - g_entropy·p·(log p + entropy)`` in registers. The dH kernel
+owns BLOCK_N rows and a slice of the hidden size, loops over the vocabulary and accumulates
+``dlogits @ weight_tile`` in registers, writing grad_hidden once in its dtype. The dW kernel
+owns a vocabulary tile and a hidden slice and loops over one split of the rows, accumulating
+``dlogitsᵀ @ hidden_rows`` (and the bias' column sums) into an fp32 partial per split; the
+splits are then summed in a fixed order. So the gradients have the same bits on every run.
+Why recompute: storing dlogits (or p) is the [N, V] tensor this op exists to avoid, and
+computing the gradient inside the forward (as Liger-Kernel's fused cross-entropy does) needs
+the upstream gradient before it exists. That is known only for a scalar loss whose gradient is
+1; here logp and entropy feed arbitrary downstream code (DAPS weights, KL terms), and the two
+outputs have independent gradients. Each backward kernel recomputes the logits once (per
+hidden slice): 2·N·V·D FLOPs each on top of dH and dW, for O(N·D + splits·V·D) memory.
+Before issue 9 a single kernel added both products with fp32 atomics (8.6 GB of atomic payload
+at N = 524,288, D = 128, V = 1024, and run-to-run differences in the last bits).
 """
 
 from __future__ import annotations
@@ -39,7 +43,10 @@ from typing import Optional
 import torch
 
 from . import _dispatch, _validate
-from ._triton import HAS_TRITON, INTERPRET, next_power_of_2, tl, triton
+from ._triton import HAS_TRITON, INTERPRET, next_power_of_2, target_capability, tl, triton
+
+if HAS_TRITON:
+    from ._triton import LN2, LOG2E, exp2_fast
 from .token_logprobs import _acc_dtype
 
 # ---------------------------------------------------------------------------------------------
@@ -73,12 +80,19 @@ def _row_stats(x: torch.Tensor, tok: torch.Tensor):
     In place and with few passes over the [C, V] block: on a CPU these element-wise passes,
     not the matmul, dominate at small D."""
     V = x.shape[-1]
-    lse = torch.logsumexp(x, dim=-1)
+    if V == 0:
+        nan = x.new_full((x.shape[0],), float("nan"))
+        return nan, x.new_full((x.shape[0],), float("-inf")), nan
+    m = x.amax(-1)
+    m = torch.where(m == float("-inf"), 0.0, m)
+    shifted = x.sub_(m[:, None])  # x - m, then log p = (x - m) - log s: never x - lse
+    log_s = torch.logsumexp(shifted, dim=-1)
+    lse = m + log_s
     lse = torch.where(lse == float("inf"), float("nan"), lse)  # +inf logits: NaN, as log_softmax
+    shifted = shifted.sub_(log_s[:, None])
     valid = (tok >= 0) & (tok < V)
-    picked = x.gather(-1, torch.where(valid, tok, 0).long()[:, None])[:, 0]
-    logp = torch.where(valid, picked - lse, float("nan"))
-    shifted = x.sub_(lse[:, None])
+    picked = shifted.gather(-1, torch.where(valid, tok, 0).long()[:, None])[:, 0]
+    logp = torch.where(valid, picked, float("nan"))
     p = shifted.exp()
     # In a row with finite lse the only NaN of p·log p is 0·(-inf) at a -inf logit: 0 by
     # convention, so nansum. Rows with non-finite lse (NaN, +inf, all -inf) give NaN.
@@ -219,14 +233,19 @@ if HAS_TRITON:
         N, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        EVEN_V: tl.constexpr,
     ):
+        # Statistics in base 2 as in token_logprobs: d2 = (x - m)·log2 e, e = 2^d2 (one
+        # MUFU.EX2), a = Σ e·d2; logp = (x_t - m) - log s, never x - lse.
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         tok = tl.load(tokens_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        tok_ok = (tok >= 0) & (tok < V)
+        tok32 = tl.where(tok_ok, tok, -1).to(tl.int32)
         m = tl.full([BLOCK_N], float("-inf"), tl.float32)  # running max (may stay -inf)
         m_safe = tl.zeros([BLOCK_N], tl.float32)  # finite version used as the shift
-        s = tl.zeros([BLOCK_N], tl.float32)  # Σ exp(x - m_safe)
-        a = tl.zeros([BLOCK_N], tl.float32)  # Σ exp(x - m_safe) · (x - m_safe)
+        s = tl.zeros([BLOCK_N], tl.float32)  # Σ 2^d2
+        a = tl.zeros([BLOCK_N], tl.float32)  # Σ 2^d2 · d2
         picked = tl.zeros([BLOCK_N], tl.float32)  # the sampled token's logit
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
@@ -234,90 +253,162 @@ if HAS_TRITON:
             x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D,
                              stride_hn, stride_hd, stride_wv, stride_wd,
                              HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, PRECISION)
-            x = tl.where(col_ok[None, :], x, float("-inf"))
-            picked += tl.sum(tl.where(cols[None, :] == tok[:, None], x, 0.0), axis=1)
+            if not EVEN_V:  # columns past V (a last partial tile) weigh nothing
+                x = tl.where(col_ok[None, :], x, float("-inf"))
+            picked += tl.sum(tl.where(cols[None, :] == tok32[:, None], x, 0.0), axis=1)
             m_new = tl.maximum(m, tl.max(x, axis=1))
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_new_safe)  # 0 while nothing finite was seen
-            d = tl.where(x == float("-inf"), 0.0, x - m_new_safe[:, None])
-            e = tl.exp(x - m_new_safe[:, None])
-            a = alpha * (a + s * (m_safe - m_new_safe)) + tl.sum(e * d, axis=1)
+            alpha = exp2_fast((m - m_new_safe) * LOG2E)  # 0 while nothing finite was seen
+            d2 = (x - m_new_safe[:, None]) * LOG2E
+            e = exp2_fast(d2)
+            # -inf logits: e = 0 and d2 = -inf; the clamp keeps 0·(-inf) out of the sum.
+            a = alpha * (a + s * ((m_safe - m_new_safe) * LOG2E)) \
+                + tl.sum(e * tl.maximum(d2, -3.0e38), axis=1)
             s = alpha * s + tl.sum(e, axis=1)
             m = m_new
             m_safe = m_new_safe
-        log_s = tl.log(s)
-        lse = m_safe + log_s
-        tok_ok = (tok >= 0) & (tok < V)
-        logp = tl.where(tok_ok, picked - lse, float("nan"))
+        log2_s = tl.math.log2(s)
+        log_s = log2_s * LN2
+        logp = tl.where(tok_ok, (picked - m_safe) - log_s, float("nan"))  # never x - lse
         tl.store(logp_ptr + rows, logp, mask=row_ok)
-        tl.store(lse_ptr + rows, lse, mask=row_ok)
-        tl.store(ent_ptr + rows, log_s - a / s, mask=row_ok)
+        tl.store(lse_ptr + rows, m_safe + log_s, mask=row_ok)
+        tl.store(ent_ptr + rows, (log2_s - a / s) * LN2, mask=row_ok)
 
     @triton.jit
-    def _linear_token_logprobs_bwd_kernel(
+    def _row_grads(glogp_ptr, glse_ptr, gent_ptr, tokens_ptr, lse_ptr, ent_ptr, rows, row_ok,
+                   HAS_GLOGP: tl.constexpr, HAS_GLSE: tl.constexpr, HAS_GENT: tl.constexpr):
+        """Per-row inputs of the logit gradient (zeros for the absent terms)."""
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        zero = tl.zeros_like(lse)
+        g_lp, g_l, g_h, ent = zero, zero, zero, zero
+        tok = tl.full(lse.shape, -1, tl.int32)
+        if HAS_GLOGP:
+            g_lp = tl.load(glogp_ptr + rows, mask=row_ok, other=0.0)
+            tok = tl.load(tokens_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+        if HAS_GLSE:
+            g_l = tl.load(glse_ptr + rows, mask=row_ok, other=0.0)
+        if HAS_GENT:
+            g_h = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
+            ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+        return lse, tok, g_lp, g_l, g_h, ent
+
+    @triton.jit
+    def _dlogits_tile(x, cols, row_ok, col_ok, lse, tok, g_lp, g_l, g_h, ent,
+                      HAS_GLOGP: tl.constexpr, HAS_GLSE: tl.constexpr, HAS_GENT: tl.constexpr):
+        """d(Σ g_lp·logp + g_l·lse + g_h·entropy)/d logits for a [BLOCK_N, BLOCK_V] tile:
+        g_lp·onehot + p·(g_l - g_lp) - g_h·p·(log p + entropy)."""
+        shifted = x - lse[:, None]
+        p = exp2_fast(shifted * LOG2E)
+        g = p * (g_l - g_lp)[:, None]
+        if HAS_GLOGP:
+            g += tl.where(cols[None, :] == tok[:, None], g_lp[:, None], 0.0)
+        if HAS_GENT:
+            # p = 0 at a -inf logit: the clamp keeps 0·(-inf) out.
+            g -= g_h[:, None] * p * (tl.maximum(shifted, -3.0e38) + ent[:, None])
+        # Rows past N and columns past V need no mask here: they meet zero-filled hidden rows
+        # or weight rows in the products, and are never stored (the bias sum masks rows).
+        return g
+
+    @triton.jit
+    def _linear_dh_kernel(
         glogp_ptr, glse_ptr, gent_ptr, h_ptr, w_ptr, b_ptr, tokens_ptr, lse_ptr, ent_ptr,
-        gh_ptr, gw_ptr, gb_ptr,
+        gh_ptr,
         N, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
         HAS_BIAS: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GLSE: tl.constexpr,
         HAS_GENT: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_DH: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     ):
+        """grad_hidden[rows, d-slice] = Σ over V tiles of dlogits_tile @ weight[tile, d-slice],
+        accumulated in registers and written once, in hidden's dtype (no atomics)."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
         row_ok = rows < N
+        dcols = tl.program_id(1) * BLOCK_DH + tl.arange(0, BLOCK_DH)
+        d_ok = dcols < D
+        lse, tok, g_lp, g_l, g_h, ent = _row_grads(
+            glogp_ptr, glse_ptr, gent_ptr, tokens_ptr, lse_ptr, ent_ptr, rows, row_ok,
+            HAS_GLOGP, HAS_GLSE, HAS_GENT)
+        acc = tl.zeros([BLOCK_N, BLOCK_DH], tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_ok = cols < V
+            x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D,
+                             stride_hn, stride_hd, stride_wv, stride_wd,
+                             HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, PRECISION)
+            g = _dlogits_tile(x, cols, row_ok, col_ok, lse, tok, g_lp, g_l, g_h, ent,
+                              HAS_GLOGP, HAS_GLSE, HAS_GENT)
+            w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wv
+                        + dcols[None, :] * stride_wd,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_V, BLOCK_DH]
+            if DOT_FP32:  # the interpreter's tl.dot is wrong on bf16 operands
+                acc = tl.dot(g, w.to(tl.float32), acc, input_precision=PRECISION)
+            else:  # tensor-core operands in the input dtype, as the materialised backward has
+                acc = tl.dot(g.to(w_ptr.dtype.element_ty), w, acc, input_precision=PRECISION)
+        tl.store(gh_ptr + rows.to(tl.int64)[:, None] * D + dcols[None, :],
+                 acc.to(gh_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _linear_dw_kernel(
+        glogp_ptr, glse_ptr, gent_ptr, h_ptr, w_ptr, b_ptr, tokens_ptr, lse_ptr, ent_ptr,
+        pw_ptr, pb_ptr,
+        N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, rows_per_split,
+        HAS_BIAS: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GLSE: tl.constexpr,
+        HAS_GENT: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_DW: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Partial grad_weight[split, V tile, d-slice] = Σ over the split's row blocks of
+        dlogits_tileᵀ @ hidden[rows, d-slice] (fp32, written once; the splits are summed
+        afterwards in a fixed order), and the bias' partial column sums."""
+        cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
-        x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D,
-                         stride_hn, stride_hd, stride_wv, stride_wd,
-                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, PRECISION)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        shifted = x - lse[:, None]
-        p = tl.exp(shifted)
-        g = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        if HAS_GLOGP:
-            g_lp = tl.load(glogp_ptr + rows, mask=row_ok, other=0.0)
-            tok = tl.load(tokens_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-            onehot = (cols[None, :] == tok[:, None]).to(tl.float32)
-            g += g_lp[:, None] * (onehot - p)
-        if HAS_GLSE:  # lse is internal to the public function; kept so the op's autograd is whole
-            g_l = tl.load(glse_ptr + rows, mask=row_ok, other=0.0)
-            g += g_l[:, None] * p
-        if HAS_GENT:
-            g_h = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
-            ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-            term = tl.where(p == 0.0, 0.0, p * (shifted + ent[:, None]))
-            g -= g_h[:, None] * term
-        g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
-        if HAS_BIAS:
-            tl.atomic_add(gb_ptr + cols, tl.sum(g, axis=0), mask=col_ok)
-        if DOT_FP32:
-            gd = g
-        else:  # tensor-core operands in the input dtype, as the materialised backward has
-            gd = g.to(h_ptr.dtype.element_ty)
-        h_off = rows.to(tl.int64)[:, None] * stride_hn
-        w_off = cols.to(tl.int64)[:, None] * stride_wv
-        gh_off = rows.to(tl.int64)[:, None] * D
-        gw_off = cols.to(tl.int64)[:, None] * D
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dd < D
-            h = tl.load(h_ptr + h_off + dd[None, :] * stride_hd,
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-            w = tl.load(w_ptr + w_off + dd[None, :] * stride_wd,
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_V, BLOCK_D]
+        dcols = tl.program_id(1) * BLOCK_DW + tl.arange(0, BLOCK_DW)
+        d_ok = dcols < D
+        split = tl.program_id(2)
+        r_begin = split * rows_per_split
+        r_end = tl.minimum(r_begin + rows_per_split, N)
+        acc = tl.zeros([BLOCK_V, BLOCK_DW], tl.float32)
+        acc_b = tl.zeros([BLOCK_V], tl.float32)
+        for r0 in range(r_begin, r_end, BLOCK_N):
+            rows = r0 + tl.arange(0, BLOCK_N)
+            row_ok = rows < r_end
+            lse, tok, g_lp, g_l, g_h, ent = _row_grads(
+                glogp_ptr, glse_ptr, gent_ptr, tokens_ptr, lse_ptr, ent_ptr, rows, row_ok,
+                HAS_GLOGP, HAS_GLSE, HAS_GENT)
+            x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D,
+                             stride_hn, stride_hd, stride_wv, stride_wd,
+                             HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, PRECISION)
+            g = _dlogits_tile(x, cols, row_ok, col_ok, lse, tok, g_lp, g_l, g_h, ent,
+                              HAS_GLOGP, HAS_GLSE, HAS_GENT)
+            if HAS_BIAS:
+                acc_b += tl.sum(tl.where(row_ok[:, None], g, 0.0), axis=0)
+            h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_hn
+                        + dcols[None, :] * stride_hd,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DW]
             if DOT_FP32:
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            dh = tl.dot(gd, w, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
-            tl.atomic_add(gh_ptr + gh_off + dd[None, :], dh,
-                          mask=row_ok[:, None] & d_ok[None, :])
-            dw = tl.dot(tl.trans(gd), h, input_precision=PRECISION)  # [BLOCK_V, BLOCK_D]
-            tl.atomic_add(gw_ptr + gw_off + dd[None, :], dw,
-                          mask=col_ok[:, None] & d_ok[None, :])
+                acc = tl.dot(tl.trans(g), h.to(tl.float32), acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(tl.trans(g.to(h_ptr.dtype.element_ty)), h, acc,
+                             input_precision=PRECISION)
+        out = split.to(tl.int64) * V + cols.to(tl.int64)
+        tl.store(pw_ptr + out[:, None] * D + dcols[None, :], acc,
+                 mask=col_ok[:, None] & d_ok[None, :])
+        if HAS_BIAS:
+            tl.store(pb_ptr + out, acc_b, mask=col_ok & (tl.program_id(1) == 0))
 
 
 def _block_d(D: int) -> int:
     return max(16, min(MAX_BLOCK_D, next_power_of_2(D)))
+
+
+# Forward tiles (rows, vocabulary, hidden slice, warps). Overridable for the static report's
+# exploration; one configuration everywhere (the interpreter runs one).
+FWD_CONFIG = (128, 128, 64, 8)
+
+
+def _fwd_config(D: int) -> tuple[int, int, int, int]:
+    bn, bv, bd, warps = FWD_CONFIG
+    return bn, bv, max(16, min(bd, next_power_of_2(D))), warps
 
 
 def _dot_config(dtype: torch.dtype) -> tuple[bool, str]:
@@ -338,42 +429,89 @@ def _triton_forward(hidden, weight, tokens, bias):
     if N == 0:
         return logp, lse, ent
     dot_fp32, precision = _dot_config(hidden.dtype)
-    _linear_token_logprobs_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
+    bn, bv, bd, warps = _fwd_config(D)
+    _linear_token_logprobs_fwd_kernel[(triton.cdiv(N, bn),)](
         hidden, weight, bias if bias is not None else weight, tokens, logp, lse, ent,
         N, V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=_block_d(D),
-        DOT_FP32=dot_fp32, PRECISION=precision, num_warps=4,
+        HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd,
+        DOT_FP32=dot_fp32, PRECISION=precision, EVEN_V=V % bv == 0, num_warps=warps,
     )
     return logp, lse, ent
 
 
+# Backward tiles. dH: a program owns BLOCK_N rows and a BLOCK_DH slice of the hidden size and
+# loops over V, its [64, 256] fp32 accumulator in registers (64 per thread at 8 warps). dW: a
+# program owns a V tile and a BLOCK_DW slice and loops over its split of the rows; the number
+# of splits is chosen so that the grid has at least _DW_PROGRAMS programs. Slices of 256 halve
+# the logits recomputed at D = 512 against 128 (bench.static: fwd+bwd 0.29 -> 0.57 of the H100
+# roofline); before sm_90 the dW kernel spills at 256 (no wgmma: its operands live in
+# registers), so it takes 128 there.
+BWD_CONFIG = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "BLOCK_DH": 256, "BLOCK_DW": 256,
+              "num_warps": 8}
+_BLOCK_DW_PRE_SM90 = 128
+_DW_PROGRAMS = 264  # two per SM on a 132-SM H100
+
+
+def _slice(D: int, block: int) -> int:
+    return min(block, max(16, next_power_of_2(D)))
+
+
+def _bwd_config(device: torch.device) -> dict:
+    c = dict(BWD_CONFIG)
+    cap = target_capability(device)
+    if cap is not None and cap < 90:
+        c["BLOCK_DW"] = min(c["BLOCK_DW"], _BLOCK_DW_PRE_SM90)
+    return c
+
+
+def _bwd_splits(N: int, V: int, D: int, c: dict | None = None) -> tuple[int, int]:
+    """(number of row splits, rows per split, a multiple of BLOCK_N) for the dW kernel."""
+    c = c or BWD_CONFIG
+    tiles = triton.cdiv(V, c["BLOCK_V"]) * triton.cdiv(D, _slice(D, c["BLOCK_DW"]))
+    blocks = triton.cdiv(N, c["BLOCK_N"])
+    splits = max(1, min(blocks, triton.cdiv(_DW_PROGRAMS, tiles)))
+    per_split = triton.cdiv(blocks, splits) * c["BLOCK_N"]
+    return triton.cdiv(N, per_split), per_split
+
+
 def _triton_backward(grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, bias, lse,
                      entropy):
+    """Two kernels, no atomics, the same bits on every run: grad_hidden (row blocks, loop over
+    V, registers) and fp32 partial grad_weight / grad_bias per row split, summed in order."""
     N, D = hidden.shape
     V = weight.shape[0]
-    # fp32 accumulation buffers for the atomics: O(N·D + V·D), never O(N·V).
-    gh = torch.zeros((N, D), dtype=torch.float32, device=hidden.device)
-    gw = torch.zeros((V, D), dtype=torch.float32, device=hidden.device)
-    gb = torch.zeros((V,), dtype=torch.float32, device=hidden.device)
-    if N > 0 and V > 0 and not (grad_logp is None and grad_lse is None
-                                and grad_entropy is None):
-        dot_fp32, precision = _dot_config(hidden.dtype)
-        dummy = lse  # never read when the matching HAS_ flag is off
-        grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(V, BLOCK_V))
-        _linear_token_logprobs_bwd_kernel[grid](
-            grad_logp.contiguous() if grad_logp is not None else dummy,
-            grad_lse.contiguous() if grad_lse is not None else dummy,
-            grad_entropy.contiguous() if grad_entropy is not None else dummy,
-            hidden, weight, bias if bias is not None else weight, tokens, lse, entropy,
-            gh, gw, gb,
-            N, V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            HAS_BIAS=bias is not None, HAS_GLOGP=grad_logp is not None,
-            HAS_GLSE=grad_lse is not None, HAS_GENT=grad_entropy is not None,
-            BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=_block_d(D),
-            DOT_FP32=dot_fp32, PRECISION=precision, num_warps=4,
-        )
     bias_dtype = bias.dtype if bias is not None else weight.dtype
-    return gh.to(hidden.dtype), gw.to(weight.dtype), gb.to(bias_dtype)
+    if N == 0 or V == 0 or (grad_logp is None and grad_lse is None and grad_entropy is None):
+        return (torch.zeros_like(hidden), torch.zeros_like(weight),
+                torch.zeros((V,), dtype=bias_dtype, device=hidden.device))
+    dot_fp32, precision = _dot_config(hidden.dtype)
+    dummy = lse  # never read when the matching HAS_ flag is off
+    grads = (grad_logp.contiguous() if grad_logp is not None else dummy,
+             grad_lse.contiguous() if grad_lse is not None else dummy,
+             grad_entropy.contiguous() if grad_entropy is not None else dummy)
+    args = (hidden, weight, bias if bias is not None else weight, tokens, lse, entropy)
+    strides = (N, V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
+    c = _bwd_config(hidden.device)
+    flags = dict(HAS_BIAS=bias is not None, HAS_GLOGP=grad_logp is not None,
+                 HAS_GLSE=grad_lse is not None, HAS_GENT=grad_entropy is not None,
+                 BLOCK_N=c["BLOCK_N"], BLOCK_V=c["BLOCK_V"], BLOCK_D=_slice(D, c["BLOCK_D"]),
+                 DOT_FP32=dot_fp32, PRECISION=precision, num_warps=c["num_warps"])
+    gh = torch.empty((N, D), dtype=hidden.dtype, device=hidden.device)
+    block_dh = _slice(D, c["BLOCK_DH"])
+    _linear_dh_kernel[(triton.cdiv(N, c["BLOCK_N"]), triton.cdiv(D, block_dh))](
+        *grads, *args, gh, *strides, BLOCK_DH=block_dh, **flags)
+    splits, per_split = _bwd_splits(N, V, D, c)
+    pw = torch.empty((splits, V, D), dtype=torch.float32, device=hidden.device)
+    pb = torch.empty((splits, V) if bias is not None else (0,), dtype=torch.float32,
+                     device=hidden.device)
+    block_dw = _slice(D, c["BLOCK_DW"])
+    _linear_dw_kernel[(triton.cdiv(V, c["BLOCK_V"]), triton.cdiv(D, block_dw), splits)](
+        *grads, *args, pw, pb if bias is not None else pw, *strides, per_split,
+        BLOCK_DW=block_dw, **flags)
+    gw = (pw[0] if splits == 1 else pw.sum(0)).to(weight.dtype)
+    gb = ((pb[0] if splits == 1 else pb.sum(0)).to(bias_dtype) if bias is not None
+          else torch.zeros((V,), dtype=bias_dtype, device=hidden.device))
+    return gh, gw, gb
 
 
 def _supports_triton(hidden, weight, tokens, bias) -> str | None:
@@ -557,42 +695,3 @@ def linear_logprobs_entropy(hidden, weight, tokens, bias, backend, op: str):
     x, w, b, t = flatten_linear(hidden, weight, bias, tokens)
     logp, _, entropy = _op(x, w, t, b, name)
     return logp.view(lead), entropy.view(lead)
-
-
-# ---------------------------------------------------------------------------------------------
-# GPU compile check entries (python -m dvae_kernels._compile_check). Each constexpr branch a
-# launcher can take appears at least once, across the input dtypes; BLOCK_D 16 is the smallest
-# tile (D <= 16). Few entries: a tl.dot kernel takes seconds to compile on the CI machine.
-# ---------------------------------------------------------------------------------------------
-
-COMPILE_CHECK = []
-if HAS_TRITON:
-    _C = "constexpr"
-    _LINEAR_ARGS = {"N": "i32", "V": "i32", "D": "i32", "stride_hn": "i32",
-                    "stride_hd": "i32", "stride_wv": "i32", "stride_wd": "i32"}
-
-    def _consts(bias, bd, prec, **extra):
-        return {"HAS_BIAS": bias, "BLOCK_N": BLOCK_N, "BLOCK_V": BLOCK_V, "BLOCK_D": bd,
-                "DOT_FP32": False, "PRECISION": prec, **extra}
-
-    for _dt, _prec, _bias, _bd in (("fp32", "ieee", True, MAX_BLOCK_D),
-                                   ("fp32", "tf32", False, MAX_BLOCK_D),
-                                   ("bf16", "tf32", True, 16),
-                                   ("fp16", "tf32", False, MAX_BLOCK_D)):
-        _k = _consts(_bias, _bd, _prec)
-        COMPILE_CHECK.append((
-            _linear_token_logprobs_fwd_kernel,
-            {"h_ptr": f"*{_dt}", "w_ptr": f"*{_dt}", "b_ptr": f"*{_dt}", "tokens_ptr": "*i64",
-             "logp_ptr": "*fp32", "lse_ptr": "*fp32", "ent_ptr": "*fp32", **_LINEAR_ARGS,
-             **dict.fromkeys(_k, _C)}, _k))
-    for _dt, _prec, _bias, _bd, _lp, _l, _h in (
-            ("bf16", "tf32", True, MAX_BLOCK_D, True, False, True),
-            ("fp32", "ieee", False, MAX_BLOCK_D, True, True, False),
-            ("fp16", "tf32", True, 16, False, False, True)):
-        _k = _consts(_bias, _bd, _prec, HAS_GLOGP=_lp, HAS_GLSE=_l, HAS_GENT=_h)
-        COMPILE_CHECK.append((
-            _linear_token_logprobs_bwd_kernel,
-            {"glogp_ptr": "*fp32", "glse_ptr": "*fp32", "gent_ptr": "*fp32", "h_ptr": f"*{_dt}",
-             "w_ptr": f"*{_dt}", "b_ptr": f"*{_dt}", "tokens_ptr": "*i32", "lse_ptr": "*fp32",
-             "ent_ptr": "*fp32", "gh_ptr": "*fp32", "gw_ptr": "*fp32", "gb_ptr": "*fp32",
-             **_LINEAR_ARGS, **dict.fromkeys(_k, _C)}, _k))

@@ -28,8 +28,9 @@ from the torch generator by a device-side ``torch.randint`` (advancing it like a
 the kernel reads them from device memory, so there is no host synchronisation and a
 CUDA-graph capture replays with fresh seeds from the captured generator. Resolution: ``u`` has
 23 bits, so ``G`` is clipped to [-2.81, 16.6]; each tail it drops has probability 6e-8.
-Backends agree exactly on the stream's integers and on ``u``; ``log`` may differ by one float32
-ulp between libraries, which can change a sample only when two candidates' scores are that close.
+Backends agree exactly on the stream's integers and on ``u``; ``log`` may differ by a float32
+ulp or two between libraries (the Triton kernels use the GPU's ``lg2.approx`` for ``G``), which
+can change a sample only when two candidates' scores are that close.
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ import math
 import torch
 
 from . import _dispatch, _validate
-from ._triton import HAS_TRITON, next_power_of_2, tl, triton
-from .token_logprobs import _acc_dtype
+from ._triton import HAS_TRITON, next_power_of_2, tl, triton, vec16
+
+if HAS_TRITON:
+    from ._triton import LN2, LOG2E, exp2_fast, log2_fast
+from .token_logprobs import _acc_dtype, log_softmax_parts
 
 # ---------------------------------------------------------------------------------------------
 # The random stream, in torch ops (int64 holding uint32 values).
@@ -123,9 +127,9 @@ def torch_sample_rows(x: torch.Tensor, seeds: torch.Tensor, row0: int, temperatu
         score = z + torch_gumbel(torch_row_keys(seeds, rows), V).to(x.dtype)
         tokens = score.argmax(-1) if V > 0 else torch.zeros(C, dtype=torch.int64,
                                                                 device=x.device)
-        lse = torch.logsumexp(z, -1)
-        picked = z.gather(-1, tokens[:, None])[:, 0] if V > 0 else lse
-        logp = picked - lse
+        shifted, log_s, _ = log_softmax_parts(z)
+        picked = shifted.gather(-1, tokens[:, None])[:, 0] - log_s if V > 0 else log_s
+        logp = picked  # (z - m) - log s, never z - lse
     logp = torch.where(nan_row, float("nan"), logp)
     return tokens, logp
 
@@ -147,7 +151,9 @@ def _torch_forward(logits: torch.Tensor, seeds: torch.Tensor, temperature: float
 # Triton backend
 # ---------------------------------------------------------------------------------------------
 
-_TILE = 4096
+# One warp per program over up to 2048 logits (row reductions by shuffles only).
+_TILE = 2048
+_WARPS = 1
 
 if HAS_TRITON:
 
@@ -169,9 +175,11 @@ if HAS_TRITON:
 
     @triton.jit
     def gumbel_tl(keys, cols):
+        """-log(-log u) as -ln2·log2(-ln2·log2 u): two MUFU.LG2 on a GPU (tl.log is
+        libdevice's logf, about twenty instructions each)."""
         bits = _mix32_tl(keys[:, None] ^ cols.to(tl.uint32)[None, :])
         u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2^-23
-        return -tl.log(-tl.log(u))
+        return log2_fast(log2_fast(u) * (-LN2)) * (-LN2)
 
     @triton.jit
     def sample_init(BLOCK_R: tl.constexpr):
@@ -201,7 +209,8 @@ if HAS_TRITON:
             score = z + gumbel_tl(keys, cols)
             m_new = tl.maximum(m, tl.max(z, axis=1))
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = tl.exp(m - m_new_safe) * s + tl.sum(tl.exp(z - m_new_safe[:, None]), axis=1)
+            s = exp2_fast((m - m_new_safe) * LOG2E) * s \
+                + tl.sum(exp2_fast((z - m_new_safe[:, None]) * LOG2E), axis=1)
             m = m_new
             m_safe = m_new_safe
         tmax = tl.max(score, axis=1)
@@ -219,16 +228,20 @@ if HAS_TRITON:
         if GREEDY:
             logp = tl.where(m == float("-inf"), float("nan"), -tl.log(s))
         else:
-            logp = bz - (m_safe + tl.log(s))
+            logp = (bz - m_safe) - tl.log(s)  # never z - lse: lse is rounded at z's magnitude
         return tl.where(nans > 0, float("nan"), logp)
 
     @triton.jit
     def _sample_tokens_kernel(
         logits_ptr, seed_ptr, tokens_ptr, logp_ptr, R, V, stride_row, inv_t,
         GREEDY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+        VEC: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < R
+        if VEC > 1:  # 16-byte rows: vector loads (as in token_logprobs)
+            V = (V // VEC) * VEC
+            stride_row = (stride_row // VEC) * VEC
         row_off = rows.to(tl.int64) * stride_row
         keys = row_keys_tl(seed_ptr, rows)
         m, m_safe, s, best, bidx, bz, nans = sample_init(BLOCK_R)
@@ -261,7 +274,7 @@ def _triton_forward(logits: torch.Tensor, seeds: torch.Tensor, temperature: floa
     _sample_tokens_kernel[(triton.cdiv(R, block_r),)](
         logits, seeds, tokens, logp, R, V, logits.stride(0),
         1.0 if greedy else 1.0 / temperature,
-        GREEDY=greedy, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=4,
+        GREEDY=greedy, BLOCK_R=block_r, BLOCK_V=block_v, VEC=vec16(logits), num_warps=_WARPS,
     )
     return tokens, logp
 
@@ -358,21 +371,3 @@ def sample_tokens(logits: torch.Tensor, *, generator: torch.Generator | None = N
     seeds = draw_seeds(logits.device, generator)
     tokens, logp = _op(x, seeds, t, name)
     return tokens.view(lead), logp.view(lead)
-
-
-# ---------------------------------------------------------------------------------------------
-# GPU compile check entries (python -m dvae_kernels._compile_check): sampled and greedy, a
-# multi-row tile (small V) and a one-row tile, across the input dtypes.
-# ---------------------------------------------------------------------------------------------
-
-COMPILE_CHECK = []
-if HAS_TRITON:
-    for _dt, _greedy, (_br, _bv) in (("fp32", False, (4, 1024)), ("bf16", False, (1, 4096)),
-                                     ("fp16", True, (4, 1024)), ("bf16", True, (1, 4096))):
-        COMPILE_CHECK.append((
-            _sample_tokens_kernel,
-            {"logits_ptr": f"*{_dt}", "seed_ptr": "*i64", "tokens_ptr": "*i64",
-             "logp_ptr": "*fp32", "R": "i32", "V": "i32", "stride_row": "i32",
-             "inv_t": "fp32", "GREEDY": "constexpr", "BLOCK_R": "constexpr",
-             "BLOCK_V": "constexpr"},
-            {"GREEDY": _greedy, "BLOCK_R": _br, "BLOCK_V": _bv}))

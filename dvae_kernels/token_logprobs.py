@@ -7,14 +7,16 @@
 Read top to bottom: torch backend (the oracle), Triton kernels and launchers, the registered
 ops with their fake and autograd rules, the public function.
 
-Kernel plan. One pass over each row with an online maximum ``m``, sum ``s = Σ exp(x - m)`` and
-``a = Σ exp(x - m)·(x - m)`` over vocabulary tiles, so that ``lse = m + log s`` and
-``entropy = log s - a / s`` (the shifted form avoids the cancellation of ``lse - Σ p·x`` when
-logits are large). The logit of the sampled token is one extra gathered load per row.
-Several rows share a program when V is small (a [BLOCK_R, BLOCK_V] tile): at V=1024 a
-program per short row would be mostly launch and reduction overhead. The backward recomputes
-``p = exp(x - lse)`` from the saved ``lse`` and ``entropy`` (8 bytes per row) rather than
-saving probabilities (V·4 bytes per row).
+Kernel plan. One pass over each row with an online maximum ``m``, sum ``s = Σ 2^d2`` with
+``d2 = (x - m)·log2 e`` (one MUFU.EX2 per logit, flush-to-zero) and, only when the entropy is
+asked for (a constexpr), ``a = Σ 2^d2·d2``, so that ``logp = (x_t - m) - log s`` (never
+``x - lse``: exact for logits of ±1e4), ``lse = m + log s`` and ``entropy = (log2 s - a/s)·ln 2``
+(the shifted form avoids the cancellation of ``lse - Σ p·x`` when logits are large). The logit
+of the sampled token is one extra gathered load per row. A program is one warp over a tile of
+up to 2048 logits (several rows when V is small): every row reduction is a warp shuffle, with
+no shared memory and no barrier. The backward recomputes ``p = exp(x - lse)`` from the saved
+``lse`` (and ``entropy`` when its gradient is asked for), 4–8 bytes per row, rather than saving
+probabilities (V·4 bytes per row).
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from typing import Optional
 import torch
 
 from . import _dispatch, _validate
-from ._triton import HAS_TRITON, next_power_of_2, tl, triton
+from ._triton import HAS_TRITON, next_power_of_2, tl, triton, vec16
+
+if HAS_TRITON:
+    from ._triton import LN2, LOG2E, exp2_fast
 
 # ---------------------------------------------------------------------------------------------
 # torch backend: the reference and the fallback. Math in float32 (float64 for float64 input).
@@ -35,20 +40,44 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _torch_forward(logits: torch.Tensor, tokens: torch.Tensor):
-    """logits [R, V], tokens [R] -> (logp [R], lse [R], entropy [R])."""
+def _torch_forward(logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool = True):
+    """logits [R, V], tokens [R] -> (logp [R], lse [R], entropy [R], or [0] when not
+    with_entropy)."""
     x = logits.to(_acc_dtype(logits.dtype))
     V = x.shape[-1]
-    lse = torch.logsumexp(x, dim=-1)
-    lse = torch.where(lse == float("inf"), float("nan"), lse)  # +inf logits: NaN, as log_softmax
-    shifted = x - lse[:, None]
-    p = shifted.exp()
-    entropy = -torch.where(p == 0, 0.0, p * shifted).sum(-1)
+    shifted, log_s, lse = log_softmax_parts(x)
+    log_p = shifted - log_s[:, None]  # (x - m) - log Σ exp(x - m): never x - lse
+    if with_entropy:
+        p = log_p.exp()
+        entropy = -torch.where(p == 0, 0.0, p * log_p).sum(-1)
+    else:
+        entropy = x.new_empty((0,))
     valid = (tokens >= 0) & (tokens < V)
     idx = torch.where(valid, tokens, 0).long()
-    picked = x.gather(-1, idx[:, None])[:, 0]
-    logp = torch.where(valid, picked - lse, float("nan"))
+    picked = log_p.gather(-1, idx[:, None])[:, 0] if V > 0 else lse
+    logp = torch.where(valid, picked, float("nan"))
     return logp, lse, entropy
+
+
+def log_softmax_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [R, V] -> (x - m [R, V], log s [R], lse [R]) with m the row maximum (0 for an all -inf
+    row), s = Σ exp(x - m) and lse = m + log s (NaN for +inf logits, as log_softmax).
+
+    Log-probabilities are then ``(x - m) - log s``, exact in the subtraction, unlike
+    ``x - lse`` whose float32 ``lse`` is rounded at the logits' magnitude (at logits of 1e4 that
+    costs 5e-4, about 2000x PyTorch's own error). Equivalent PyTorch::
+
+        log_p = torch.log_softmax(x, -1)   # = shifted - log_s[:, None]
+    """
+    if x.shape[-1] == 0:
+        empty = x.new_full(x.shape[:-1], float("-inf"))
+        return x, empty, empty
+    m = x.amax(-1)
+    m = torch.where(m == float("-inf"), 0.0, m)
+    shifted = x - m[:, None]
+    log_s = shifted.exp().sum(-1).log()
+    lse = m + log_s
+    return shifted, log_s, torch.where(lse == float("inf"), float("nan"), lse)
 
 
 def _torch_backward(grad_logp, grad_entropy, logits, tokens, lse, entropy):
@@ -72,8 +101,11 @@ def _torch_backward(grad_logp, grad_entropy, logits, tokens, lse, entropy):
 # Triton backend
 # ---------------------------------------------------------------------------------------------
 
-# Elements per program tile. 4096 keeps 32 fp32 values per thread at 4 warps.
-_TILE = 4096
+# Elements per program tile: one warp per program, 64 values per thread, so that every row
+# reduction stays inside a warp (shuffles, no shared memory, no barrier). A row longer than
+# the tile is walked in tiles with the online (max, sum) update.
+_TILE = 2048
+_WARPS = 1
 
 if HAS_TRITON:
 
@@ -81,15 +113,24 @@ if HAS_TRITON:
     def _token_logprobs_fwd_kernel(
         logits_ptr, tokens_ptr, logp_ptr, lse_ptr, ent_ptr,
         n_rows, V, stride_row,
-        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+        WITH_ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+        VEC: tl.constexpr,
     ):
+        # e = 2^((x - m)·log2 e): FADD, FMUL, one MUFU.EX2 (ftz). x - m is exact for the
+        # maximum itself and rounded at the scale of the difference, never of the logits; the
+        # log-probability is (x - m) - log s, never x - lse. Entropy in base 2 as well:
+        # a = Σ e·d2 with d2 = (x - m)·log2 e, H = (log2 s - a/s)·ln 2.
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < n_rows
+        if VEC > 1:  # rows start on 16 bytes and V is a multiple of 16 bytes: vector loads
+            # (a product by a constexpr is what the compiler's divisibility analysis sees)
+            V = (V // VEC) * VEC
+            stride_row = (stride_row // VEC) * VEC
         row_off = rows.to(tl.int64) * stride_row
         m = tl.full([BLOCK_R], float("-inf"), tl.float32)  # running max (may stay -inf)
         m_safe = tl.zeros([BLOCK_R], tl.float32)  # finite version used as the shift
-        s = tl.zeros([BLOCK_R], tl.float32)  # Σ exp(x - m_safe)
-        a = tl.zeros([BLOCK_R], tl.float32)  # Σ exp(x - m_safe) · (x - m_safe)
+        s = tl.zeros([BLOCK_R], tl.float32)  # Σ 2^d2
+        a = tl.zeros([BLOCK_R], tl.float32)  # Σ 2^d2 · d2 (entropy only)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             mask = row_ok[:, None] & (cols[None, :] < V)
@@ -97,40 +138,47 @@ if HAS_TRITON:
                         other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=1))
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_new_safe)  # 0 while nothing finite was seen
-            d = tl.where(x == float("-inf"), 0.0, x - m_new_safe[:, None])
-            e = tl.exp(x - m_new_safe[:, None])
-            a = alpha * (a + s * (m_safe - m_new_safe)) + tl.sum(e * d, axis=1)
+            alpha = exp2_fast((m - m_new_safe) * LOG2E)  # 0 while nothing finite was seen
+            d2 = (x - m_new_safe[:, None]) * LOG2E
+            e = exp2_fast(d2)
+            if WITH_ENTROPY:
+                # -inf logits: e = 0 and d2 = -inf; the clamp keeps 0·(-inf) out of the sum.
+                a = alpha * (a + s * ((m_safe - m_new_safe) * LOG2E)) \
+                    + tl.sum(e * tl.maximum(d2, -3.0e38), axis=1)
             s = alpha * s + tl.sum(e, axis=1)
             m = m_new
             m_safe = m_new_safe
-        log_s = tl.log(s)
-        lse = m_safe + log_s
-        ent = log_s - a / s
+        log2_s = tl.math.log2(s)
         tok = tl.load(tokens_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         tok_ok = (tok >= 0) & (tok < V)
         x_tok = tl.load(logits_ptr + row_off + tok, mask=row_ok & tok_ok,
                         other=float("nan")).to(tl.float32)
-        tl.store(logp_ptr + rows, x_tok - lse, mask=row_ok)
-        tl.store(lse_ptr + rows, lse, mask=row_ok)
-        tl.store(ent_ptr + rows, ent, mask=row_ok)
+        log_s = log2_s * LN2
+        tl.store(logp_ptr + rows, (x_tok - m_safe) - log_s, mask=row_ok)
+        tl.store(lse_ptr + rows, m_safe + log_s, mask=row_ok)
+        if WITH_ENTROPY:
+            tl.store(ent_ptr + rows, (log2_s - a / s) * LN2, mask=row_ok)
 
     @triton.jit
     def _token_logprobs_bwd_kernel(
         glogp_ptr, gent_ptr, logits_ptr, tokens_ptr, lse_ptr, ent_ptr, grad_ptr,
         n_rows, V, stride_row, stride_grad,
         HAS_GLOGP: tl.constexpr, HAS_GENT: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < n_rows
+        if VEC > 1:  # 16-byte rows in and out: vector loads and stores (see the forward)
+            V = (V // VEC) * VEC
+            stride_row = (stride_row // VEC) * VEC
+            stride_grad = (stride_grad // VEC) * VEC
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        tok = tl.load(tokens_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+        tok = tl.load(tokens_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
         if HAS_GLOGP:
             g_lp = tl.load(glogp_ptr + rows, mask=row_ok, other=0.0)
         if HAS_GENT:
             g_h = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
-            ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+            ent2 = tl.load(ent_ptr + rows, mask=row_ok, other=0.0) * LOG2E
         in_off = rows.to(tl.int64) * stride_row
         out_off = rows.to(tl.int64) * stride_grad
         for v0 in range(0, V, BLOCK_V):
@@ -138,15 +186,15 @@ if HAS_TRITON:
             mask = row_ok[:, None] & (cols[None, :] < V)
             x = tl.load(logits_ptr + in_off[:, None] + cols[None, :], mask=mask,
                         other=float("-inf")).to(tl.float32)
-            shifted = x - lse[:, None]
-            p = tl.exp(shifted)
+            d2 = (x - lse[:, None]) * LOG2E  # log2 p
+            p = exp2_fast(d2)
             g = tl.zeros([BLOCK_R, BLOCK_V], tl.float32)
             if HAS_GLOGP:
-                onehot = (cols[None, :] == tok[:, None]).to(tl.float32)
-                g += g_lp[:, None] * (onehot - p)
+                g = tl.where(cols[None, :] == tok[:, None], g_lp[:, None], 0.0) \
+                    - g_lp[:, None] * p
             if HAS_GENT:
-                term = tl.where(x == float("-inf"), 0.0, p * (shifted + ent[:, None]))
-                g -= g_h[:, None] * term
+                # d entropy / dx = -p·(log p + H); at a -inf logit p = 0 (the clamp: no NaN).
+                g -= (g_h * LN2)[:, None] * p * (tl.maximum(d2, -3.0e38) + ent2[:, None])
             tl.store(grad_ptr + out_off[:, None] + cols[None, :],
                      g.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -156,17 +204,18 @@ def _tile(V: int) -> tuple[int, int]:
     return max(1, _TILE // block_v), block_v
 
 
-def _triton_forward(logits: torch.Tensor, tokens: torch.Tensor):
+def _triton_forward(logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool = True):
     R, V = logits.shape
     logp = torch.empty(R, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
-    ent = torch.empty_like(logp)
+    ent = torch.empty(R if with_entropy else 0, dtype=torch.float32, device=logits.device)
     if R == 0:
         return logp, lse, ent
     block_r, block_v = _tile(V)
     _token_logprobs_fwd_kernel[(triton.cdiv(R, block_r),)](
-        logits, tokens, logp, lse, ent, R, V, logits.stride(0),
-        BLOCK_R=block_r, BLOCK_V=block_v, num_warps=4,
+        logits, tokens, logp, lse, ent if with_entropy else lse, R, V, logits.stride(0),
+        WITH_ENTROPY=with_entropy, BLOCK_R=block_r, BLOCK_V=block_v, VEC=vec16(logits),
+        num_warps=_WARPS,
     )
     return logp, lse, ent
 
@@ -181,9 +230,10 @@ def _triton_backward(grad_logp, grad_entropy, logits, tokens, lse, entropy):
     _token_logprobs_bwd_kernel[(triton.cdiv(R, block_r),)](
         grad_logp.contiguous() if grad_logp is not None else dummy,
         grad_entropy.contiguous() if grad_entropy is not None else dummy,
-        logits, tokens, lse, entropy, grad, R, V, logits.stride(0), grad.stride(0),
+        logits, tokens, lse, entropy if grad_entropy is not None else dummy, grad, R, V,
+        logits.stride(0), grad.stride(0),
         HAS_GLOGP=grad_logp is not None, HAS_GENT=grad_entropy is not None,
-        BLOCK_R=block_r, BLOCK_V=block_v, num_warps=4,
+        BLOCK_R=block_r, BLOCK_V=block_v, VEC=vec16(logits, grad), num_warps=_WARPS,
     )
     return grad
 
@@ -223,15 +273,17 @@ def register_backend(name: str, forward, backward, supports) -> None:
 
 
 @torch.library.custom_op("dvae_kernels::token_logprobs", mutates_args=())
-def _op(logits: torch.Tensor, tokens: torch.Tensor, backend: str
+def _op(logits: torch.Tensor, tokens: torch.Tensor, backend: str, with_entropy: bool
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _FORWARD[backend](logits, tokens)
+    """(logp [R], lse [R], entropy [R] when with_entropy else an empty [0]: no work for it)."""
+    return _FORWARD[backend](logits, tokens, with_entropy)
 
 
 @_op.register_fake
-def _(logits, tokens, backend):
+def _(logits, tokens, backend, with_entropy):
     out = logits.new_empty(logits.shape[:1], dtype=_acc_dtype(logits.dtype))
-    return out, torch.empty_like(out), torch.empty_like(out)
+    ent = out if with_entropy else out.new_empty((0,))
+    return out, torch.empty_like(out), torch.empty_like(ent)
 
 
 @torch.library.custom_op("dvae_kernels::token_logprobs_backward", mutates_args=())
@@ -247,24 +299,27 @@ def _(grad_logp, grad_entropy, logits, tokens, lse, entropy, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    logits, tokens, backend = inputs
+    logits, tokens, backend, with_entropy = inputs
     _, lse, entropy = output
     ctx.save_for_backward(logits, tokens, lse, entropy)
     ctx.backend = backend
+    ctx.with_entropy = with_entropy
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None: skip its term
 
 
 def _autograd_backward(ctx, grad_logp, grad_lse, grad_entropy):
     logits, tokens, lse, entropy = ctx.saved_tensors
+    if not ctx.with_entropy:
+        grad_entropy = None  # the entropy output is empty: it has no elements to differentiate
     if grad_logp is None and grad_entropy is None and grad_lse is None:
-        return None, None, None
+        return None, None, None, None
     grad = _backward_op(grad_logp, grad_entropy, logits, tokens, lse, entropy, ctx.backend)
     if grad_lse is not None:
         # lse is internal to the public function; d lse/dx = softmax(x). Kept exact (not a
         # kernel path) so that the registered op's autograd is complete.
         p = (logits.to(lse.dtype) - lse[:, None]).exp()
         grad = (grad + grad_lse[:, None] * p).to(logits.dtype)
-    return grad, None, None
+    return grad, None, None, None
 
 
 _op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -308,7 +363,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, return_entropy
     if x.stride(-1) != 1:
         x = x.contiguous()
     t = tokens.reshape(-1).contiguous()
-    logp, _, entropy = _op(x, t, name)
+    logp, _, entropy = _op(x, t, name, return_entropy)
     if return_entropy:
         return logp.view(lead), entropy.view(lead)
     return logp.view(lead)

@@ -5,18 +5,15 @@
 
 Read top to bottom: torch backend, Triton kernel and launcher, registered op, public function.
 
-Gradient in the forward pass (CUDA). The loss is always followed by its backward in training,
-and its gradient ``w·(softmax(x) - onehot(t))`` needs exactly the row statistics the forward
-computes. So on CUDA the forward writes the gradient into a fresh [R, V] buffer (never into
-the caller's logits) in the same pass when V fits one tile, and the backward only scales it by
-the incoming gradient; the logits need not be kept alive for the backward.
-
-Gradient in the backward pass (CPU). On the CPU every fresh [R, V] buffer costs page faults
-(about 50 ms for 64 MiB on our 2-core machines), so gradient-then-scale pays for two buffers.
-There the forward only computes the loss and the backward runs the same kernel once more with
-the weights multiplied by the incoming gradient, writing the final gradient straight away:
-1.5x faster for fp32 [65536, 1024] with the cpu backend. When the logits do not require grad,
-no buffer is written on either device.
+Gradient in the backward pass, on every device. The forward computes only the loss (one read
+of the logits); the backward runs the same kernel once more with the weights multiplied by the
+incoming gradient (in float32), writing the final gradient ``w·g·(softmax(x) - onehot(t))``
+straight away: one read and one [R, V] write. Computing the gradient in the forward and scaling
+it in the backward (what CUDA did before issue 9) moves 4 [R, V] passes instead of 3, rounded
+the scale to the logits' dtype (in fp16 with ``reduction="mean"`` over 5e5 tokens the gradient
+underflowed to zero), and on the CPU paid page faults for a second buffer. The op still
+accepts ``compute_grad=True`` (its backward then scales in float32). When the logits do not
+require grad, no buffer is written.
 """
 
 from __future__ import annotations
@@ -24,8 +21,11 @@ from __future__ import annotations
 import torch
 
 from . import _dispatch, _validate
-from ._triton import HAS_TRITON, next_power_of_2, tl, triton
-from .token_logprobs import MAX_V, _acc_dtype
+from ._triton import HAS_TRITON, next_power_of_2, tl, triton, vec16
+from .token_logprobs import MAX_V, _acc_dtype, log_softmax_parts
+
+if HAS_TRITON:
+    from ._triton import LN2, LOG2E, exp2_fast
 
 # ---------------------------------------------------------------------------------------------
 # torch backend
@@ -37,15 +37,16 @@ def _torch_forward(logits, tokens, weights, compute_grad: bool):
     x = logits.to(_acc_dtype(logits.dtype))
     V = x.shape[-1]
     w = weights.to(x.dtype)
-    lse = torch.logsumexp(x, dim=-1)
-    lse = torch.where(lse == float("inf"), float("nan"), lse)  # +inf logits: NaN, as log_softmax
+    shifted, log_s, _ = log_softmax_parts(x)
     valid = (tokens >= 0) & (tokens < V)
     idx = torch.where(valid, tokens, 0).long()
-    logp = torch.where(valid, x.gather(-1, idx[:, None])[:, 0] - lse, float("nan"))
+    # (x - m) - log s, never x - lse (see log_softmax_parts)
+    picked = shifted.gather(-1, idx[:, None])[:, 0] - log_s if V > 0 else log_s
+    logp = torch.where(valid, picked, float("nan"))
     loss = -w * logp
     if not compute_grad:
         return loss, logits.new_empty((0,))
-    grad = (x - lse[:, None]).exp()
+    grad = (shifted - log_s[:, None]).exp()
     grad.scatter_add_(-1, idx[:, None], -valid[:, None].to(x.dtype))
     grad.mul_(w[:, None])
     return loss, grad.to(logits.dtype)
@@ -55,7 +56,9 @@ def _torch_forward(logits, tokens, weights, compute_grad: bool):
 # Triton backend
 # ---------------------------------------------------------------------------------------------
 
-_TILE = 4096
+# One warp per program (row reductions by shuffles only), up to 2048 logits per program tile.
+_TILE = 2048
+_WARPS = 1
 
 if HAS_TRITON:
 
@@ -64,13 +67,20 @@ if HAS_TRITON:
         logits_ptr, tokens_ptr, weights_ptr, loss_ptr, grad_ptr,
         n_rows, V, stride_row, stride_grad,
         COMPUTE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
-        ONE_TILE: tl.constexpr,
+        ONE_TILE: tl.constexpr, VEC: tl.constexpr,
     ):
+        # e = 2^((x - m)·log2 e) (FADD, FMUL, one MUFU.EX2); loss = -w·((x_t - m) - log s),
+        # never x - lse; gradient w·e/s - w·onehot, the scale w/s in fp32 until the store.
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < n_rows
+        if VEC > 1:  # 16-byte rows: vector loads and stores (as in token_logprobs)
+            V = (V // VEC) * VEC
+            stride_row = (stride_row // VEC) * VEC
+            stride_grad = (stride_grad // VEC) * VEC
         row_off = rows.to(tl.int64) * stride_row
         tok = tl.load(tokens_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         tok_ok = (tok >= 0) & (tok < V)
+        tok32 = tl.where(tok_ok, tok, -1).to(tl.int32)
         w = tl.load(weights_ptr + rows, mask=row_ok, other=0.0)
         x_tok = tl.load(logits_ptr + row_off + tok, mask=row_ok & tok_ok,
                         other=float("nan")).to(tl.float32)
@@ -83,17 +93,18 @@ if HAS_TRITON:
                         other=float("-inf")).to(tl.float32)
             m = tl.max(x, axis=1)
             m_safe = tl.where(m == float("-inf"), 0.0, m)
-            e = tl.exp(x - m_safe[:, None])
+            e = exp2_fast((x - m_safe[:, None]) * LOG2E)
             s = tl.sum(e, axis=1)
-            lse = m_safe + tl.log(s)
-            tl.store(loss_ptr + rows, -w * (x_tok - lse), mask=row_ok)
+            tl.store(loss_ptr + rows, -w * ((x_tok - m_safe) - tl.math.log2(s) * LN2),
+                     mask=row_ok)
             if COMPUTE_GRAD:
-                onehot = (cols[None, :] == tok[:, None]).to(tl.float32)
-                g = w[:, None] * (e / s[:, None] - onehot)
+                g = e * (w / s)[:, None] - tl.where(cols[None, :] == tok32[:, None],
+                                                    w[:, None], 0.0)
                 tl.store(grad_ptr + out_off[:, None] + cols[None, :],
                          g.to(grad_ptr.dtype.element_ty), mask=mask)
         else:
             m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+            m_safe = tl.zeros([BLOCK_R], tl.float32)
             s = tl.zeros([BLOCK_R], tl.float32)
             for v0 in range(0, V, BLOCK_V):
                 cols = v0 + tl.arange(0, BLOCK_V)
@@ -102,18 +113,21 @@ if HAS_TRITON:
                             other=float("-inf")).to(tl.float32)
                 m_new = tl.maximum(m, tl.max(x, axis=1))
                 m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                s = tl.exp(m - m_new_safe) * s + tl.sum(tl.exp(x - m_new_safe[:, None]), axis=1)
+                s = exp2_fast((m - m_new_safe) * LOG2E) * s \
+                    + tl.sum(exp2_fast((x - m_new_safe[:, None]) * LOG2E), axis=1)
                 m = m_new
-            lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
-            tl.store(loss_ptr + rows, -w * (x_tok - lse), mask=row_ok)
+                m_safe = m_new_safe
+            tl.store(loss_ptr + rows, -w * ((x_tok - m_safe) - tl.math.log2(s) * LN2),
+                     mask=row_ok)
             if COMPUTE_GRAD:
+                scale = w / s
                 for v0 in range(0, V, BLOCK_V):
                     cols = v0 + tl.arange(0, BLOCK_V)
                     mask = row_ok[:, None] & (cols[None, :] < V)
                     x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask,
                                 other=float("-inf")).to(tl.float32)
-                    onehot = (cols[None, :] == tok[:, None]).to(tl.float32)
-                    g = w[:, None] * (tl.exp(x - lse[:, None]) - onehot)
+                    g = exp2_fast((x - m_safe[:, None]) * LOG2E) * scale[:, None] \
+                        - tl.where(cols[None, :] == tok32[:, None], w[:, None], 0.0)
                     tl.store(grad_ptr + out_off[:, None] + cols[None, :],
                              g.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -135,7 +149,8 @@ def _triton_forward(logits, tokens, weights, compute_grad: bool):
         logits, tokens, weights, loss, grad if compute_grad else loss,
         R, V, logits.stride(0), grad.stride(0) if compute_grad else 0,
         COMPUTE_GRAD=compute_grad, BLOCK_R=block_r, BLOCK_V=block_v,
-        ONE_TILE=V <= block_v, num_warps=4,
+        ONE_TILE=V <= block_v, VEC=vec16(logits, *((grad,) if compute_grad else ())),
+        num_warps=_WARPS,
     )
     return loss, grad
 
@@ -192,7 +207,9 @@ def _autograd_backward(ctx, grad_loss, _grad_grad):
     if ctx.compute_grad:
         (grad,) = ctx.saved_tensors
         # Out of place: the saved buffer must survive a backward with retain_graph=True.
-        return grad * grad_loss[:, None].to(grad.dtype), None, None, None, None
+        # The scale stays fp32 until the cast (a bf16 scale would round grad_loss).
+        return ((grad.to(grad_loss.dtype) * grad_loss[:, None]).to(grad.dtype),
+                None, None, None, None)
     # The gradient of Σ g·loss is the kernel's gradient with weights w·g: one pass, one buffer.
     logits, tokens, weights = ctx.saved_tensors
     _, grad = _op(logits, tokens, weights * grad_loss.to(weights.dtype), True, ctx.backend)
@@ -239,11 +256,9 @@ def weighted_token_nll(logits: torch.Tensor, tokens: torch.Tensor, weights,
     if x.stride(-1) != 1:
         x = x.contiguous()
     acc = _acc_dtype(logits.dtype)
-    # CUDA: the gradient in the forward pass; CPU: in the backward pass (module docstring).
-    compute_grad = (torch.is_grad_enabled() and logits.requires_grad
-                    and logits.device.type != "cpu")
+    # The gradient in the backward pass, on every device (module docstring).
     loss, _ = _op(x, tokens.reshape(-1).contiguous(), w.reshape(-1).to(acc).contiguous(),
-                  compute_grad, name)
+                  False, name)
     if reduction == "none":
         return loss.view(tokens.shape)
     if reduction == "sum":

@@ -3,6 +3,8 @@ materialised computation (linear, log_softmax, gather), on every backend availab
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -291,3 +293,25 @@ def test_bad_input_messages():
 
 def test_floor_table_covers_dtypes():
     assert set(DTYPES) <= set(FLOOR)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backward_is_atomic_free_deterministic_and_exact(dtype):
+    # Several row blocks, row splits of the grad_weight kernel, V tiles, a hidden size that is
+    # not a multiple of the 16-wide dot tile and spans two 128-wide slices: against float64,
+    # and two runs give the same bits (no atomics: the partial sums are added in one order).
+    if "triton" not in BACKENDS:
+        pytest.skip("triton unavailable")
+    ltl = importlib.import_module("dvae_kernels.linear_token_logprobs")
+    N, D, V = 200, 136, 150
+    assert ltl._bwd_splits(N, V, D)[0] > 1
+    hidden, weight, b, tokens = _inputs((N,), D, V, dtype, bias=True)
+    _check("triton", hidden, weight, b, tokens, dtype)
+    g_lp = torch.randn(N, device=DEVICE)
+    g_h = torch.randn(N, device=DEVICE)
+    op = lambda h, w, bb, t: linear_token_logprobs(h, w, t, bb, return_entropy=True,
+                                                   backend="triton")
+    first = _run(op, hidden, weight, b, tokens, g_lp, g_h)
+    second = _run(op, hidden, weight, b, tokens, g_lp, g_h)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)

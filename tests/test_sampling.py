@@ -270,3 +270,27 @@ def test_bad_input_messages():
         linear_sample_tokens(torch.randn(3, 4), torch.randn(5, 3))
     with pytest.raises(ValueError, match="V >= 1"):
         linear_sample_tokens(torch.randn(3, 4), torch.randn(0, 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_vocabulary_split_merges_like_one_pass(backend):
+    # Few rows: the Triton kernel splits V = 1000 across programs (16 splits) and merges the
+    # partial states; ties of the argmax across splits go to the lowest index, as in one pass.
+    hidden = torch.randn(5, 32).to(DEVICE)
+    weight = torch.randn(1000, 32).to(DEVICE)
+    weight[900] = weight[5]  # equal logits in two splits
+    hidden[0] = weight[5] * 3.0  # row 0's argmax is the tie 5 / 900
+    logits = F.linear(hidden, weight)
+    if backend == "triton":
+        import importlib
+
+        lst = importlib.import_module("dvae_kernels.linear_sample_tokens")
+        assert lst._vocab_splits(5, 1000)[0] > 1
+    for temperature in (1.0, 0.0):
+        ref_t, ref_lp = sample_tokens(logits, generator=_gen(5), temperature=temperature,
+                                      backend="torch")
+        t, lp = linear_sample_tokens(hidden, weight, generator=_gen(5),
+                                     temperature=temperature, backend=backend)
+        assert torch.equal(t, ref_t)
+        torch.testing.assert_close(lp, ref_lp, atol=2e-5, rtol=0)
+    assert t[0] == 5 and lp[0] == pytest.approx(-math.log(2), abs=1e-6)

@@ -145,7 +145,8 @@ def test_opcheck(backend):
 
     x = torch.randn(4, 10, device=DEVICE, requires_grad=True)
     t = torch.randint(0, 10, (4,), device=DEVICE)
-    torch.library.opcheck(_op, (x, t, backend))
+    for with_entropy in (True, False):
+        torch.library.opcheck(_op, (x, t, backend, with_entropy))
 
 
 def test_torch_compile_fullgraph():
@@ -162,3 +163,33 @@ def test_torch_compile_fullgraph():
     f(x2, t).backward()
     torch.testing.assert_close(y, f(x2, t).detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_only_when_asked(backend):
+    # Without return_entropy the op computes and returns no entropy (an empty tensor), and the
+    # log-probabilities and their gradient are those of the run with entropy.
+    from dvae_kernels.token_logprobs import _op
+
+    x = torch.randn(5, 40, device=DEVICE)
+    t = torch.randint(0, 40, (5,), device=DEVICE)
+    lp0, lse0, ent0 = _op(x, t, backend, False)
+    lp1, lse1, ent1 = _op(x, t, backend, True)
+    assert ent0.shape == (0,) and ent1.shape == (5,)
+    torch.testing.assert_close(lp0, lp1, rtol=0, atol=0)
+    torch.testing.assert_close(lse0, lse1, rtol=0, atol=0)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dk.token_logprobs(xa, t, backend=backend).sum().backward()
+    dk.token_logprobs(xb, t, return_entropy=True, backend=backend)[0].sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=0)
+
+
+def test_vec16_only_for_16_byte_rows():
+    from dvae_kernels._triton import vec16
+
+    assert vec16(torch.empty(4, 1000, dtype=torch.bfloat16)) == 8
+    assert vec16(torch.empty(4, 1000)) == 4
+    assert vec16(torch.empty(4, 1001, dtype=torch.bfloat16)) == 1
+    assert vec16(torch.empty(4, 1024, dtype=torch.bfloat16)[:, 1:1001]) == 1  # offset start
+    assert vec16(torch.empty(4, 1004, dtype=torch.bfloat16)[:, :1000]) == 1  # row stride 1004
+    assert vec16(torch.empty(4, 1000), torch.empty(4, 999)) == 1

@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tens
         const int64_t t = read_token(tokens, r);
         lse_p[r] = l;
         ent_p[r] = st.entropy();
-        logp_p[r] = (t >= 0 && t < V) ? static_cast<float>(row[t]) - l : kNaN;
+        logp_p[r] = (t >= 0 && t < V) ? st.logp(static_cast<float>(row[t])) : kNaN;
       }
     });
   });

@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_token_nll_fwd(const at::Tensor& logi
         const float w = w_p[r];
         if (!compute_grad) {
           const RowStats st = row_stats<false>(row, V, chunk);
-          loss_p[r] = -w * (valid ? static_cast<float>(row[t]) - st.lse() : kNaN);
+          loss_p[r] = -w * (valid ? st.logp(static_cast<float>(row[t])) : kNaN);
           continue;
         }
         float* x = row_buf.data();
@@ -88,8 +88,8 @@ std::tuple<at::Tensor, at::Tensor> weighted_token_nll_fwd(const at::Tensor& logi
         const float m = max_of(xf, V);
         const float shift = m == kNegInf ? 0.f : m;
         const float s = exp_to(xf, x, V, shift);
-        const float lse = shift + std::log(s);
-        loss_p[r] = -w * (valid ? static_cast<float>(row[t]) - lse : kNaN);
+        // (x - shift) - log s, never x - lse (see RowStats::logp)
+        loss_p[r] = -w * (valid ? (static_cast<float>(row[t]) - shift) - std::log(s) : kNaN);
         // grad = w·e/s - w·onehot; e/s is softmax(x) = exp(x - lse).
         scale_inplace(x, V, w / s);
         if (valid) x[t] -= w;

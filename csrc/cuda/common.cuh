@@ -59,6 +59,33 @@ __device__ __forceinline__ int64_t load_token(const void* tokens, bool tokens64,
 // Online softmax statistics: m is the largest value seen (-inf while none is finite), and with
 // shift = (m == -inf ? 0 : m): s = Σ exp(x - shift), a = Σ exp(x - shift)·(x - shift), where a
 // -inf value contributes 0 to a. NaN or +inf values make s NaN (the torch backend's NaN).
+// exp through one MUFU.EX2 (flush-to-zero): exp(d) = 2^(d·log2 e). expf wraps the same
+// instruction in range reduction and subnormal fix-ups; results below 2^-126 become 0 here.
+constexpr float kLog2e = 1.4426950408889634f;
+__device__ __forceinline__ float fast_exp(float d) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(d * kLog2e));
+  return y;
+}
+
+// Calls f(pack, j) for j = lane, lane + THREADS, ... < packs, loading kInFlight 16-byte packs
+// before using any of them (a row's loads overlap instead of waiting one by one; the compiler
+// does not hoist them itself across the running statistics' branches or the stores).
+constexpr int kInFlight = 4;
+template <int THREADS, typename P, typename F>
+__device__ __forceinline__ void for_each_pack(const P* __restrict__ xp, int64_t packs, int lane,
+                                              F&& f) {
+  int64_t j = lane;
+  for (; j + (kInFlight - 1) * THREADS < packs; j += kInFlight * THREADS) {
+    P pk[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) pk[u] = xp[j + u * THREADS];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) f(pk[u], j + u * THREADS);
+  }
+  for (; j < packs; j += THREADS) f(xp[j], j);
+}
+
 struct Stats {
   float m;
   float s;
@@ -76,7 +103,7 @@ __device__ __forceinline__ void stats_raise(Stats& st, float m_new) {
   if (m_new > st.m) {
     if (st.s != 0.f) {  // s == 0: nothing accumulated yet (and exp below could overflow)
       const float d = st.m - m_new;
-      const float alpha = expf(d);
+      const float alpha = fast_exp(d);
       if (WITH_A) st.a = alpha * (st.a + st.s * d);
       st.s *= alpha;
     }
@@ -87,9 +114,9 @@ __device__ __forceinline__ void stats_raise(Stats& st, float m_new) {
 template <bool WITH_A>
 __device__ __forceinline__ void stats_add(Stats& st, float x, float shift) {
   const float d = x - shift;
-  const float e = expf(d);
+  const float e = fast_exp(d);
   st.s += e;
-  if (WITH_A) st.a += (x == -INFINITY) ? 0.f : e * d;
+  if (WITH_A) st.a += e * fmaxf(d, -3.0e38f);  // x = -inf: e = 0 and the clamp keeps 0·(-inf) out
 }
 
 // Adds n values (one pack): one rescale per pack rather than per value.

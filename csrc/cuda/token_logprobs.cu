@@ -27,13 +27,12 @@ token_logprobs_fwd_kernel(const typename E::storage* __restrict__ logits, int64_
   if (vec) {
     const int64_t packs = V / P::N;
     const P* xp = reinterpret_cast<const P*>(x);
-    for (int64_t j = lane; j < packs; j += THREADS) {
-      const P pk = xp[j];
+    for_each_pack<THREADS>(xp, packs, lane, [&](const P& pk, int64_t) {
       float f[P::N];
 #pragma unroll
       for (int k = 0; k < P::N; ++k) f[k] = E::load(pk.v[k]);
       stats_add_values<true>(st, f);
-    }
+    });
     done = packs * P::N;
   }
   for (int64_t j = done + lane; j < V; j += THREADS) {
@@ -43,11 +42,12 @@ token_logprobs_fwd_kernel(const typename E::storage* __restrict__ logits, int64_
   st = group_reduce<true, THREADS>(st);
   if (lane == 0) {
     const float log_s = logf(st.s);
-    const float l = stats_shift(st) + log_s;
+    const float shift = stats_shift(st);
     const int64_t t = load_token(tokens, tokens64, row);
-    lse_out[row] = l;
+    lse_out[row] = shift + log_s;
     ent_out[row] = log_s - st.a / st.s;
-    logp[row] = (t >= 0 && t < V) ? E::load(x[t]) - l : __int_as_float(0x7fc00000);
+    // (x - shift) - log s, never x - lse: lse is rounded at the logits' magnitude.
+    logp[row] = (t >= 0 && t < V) ? (E::load(x[t]) - shift) - log_s : __int_as_float(0x7fc00000);
   }
 }
 
@@ -58,10 +58,10 @@ struct BwdRow {
   bool has_lp, has_h;
   __device__ __forceinline__ float operator()(float x, int64_t j) const {
     const float d = x - lse;
-    const float p = expf(d);
+    const float p = fast_exp(d);
     float g = 0.f;
     if (has_lp) g = (j == t ? glp : 0.f) - glp * p;
-    if (has_h) g -= gh * (x == -INFINITY ? 0.f : p * (d + H));
+    if (has_h) g -= gh * p * (fmaxf(d, -3.0e38f) + H);  // p = 0 at x = -inf: no 0·(-inf)
     return g;
   }
 };
@@ -94,13 +94,12 @@ token_logprobs_bwd_kernel(const float* __restrict__ glp, int64_t glp_stride,
     const int64_t packs = V / P::N;
     const P* xp = reinterpret_cast<const P*>(x);
     P* op = reinterpret_cast<P*>(out);
-    for (int64_t j = lane; j < packs; j += THREADS) {
-      const P pk = xp[j];
+    for_each_pack<THREADS>(xp, packs, lane, [&](const P& pk, int64_t j) {
       P o;
 #pragma unroll
       for (int k = 0; k < P::N; ++k) o.v[k] = E::store(f(E::load(pk.v[k]), j * P::N + k));
       op[j] = o;
-    }
+    });
     done = packs * P::N;
   }
   for (int64_t j = done + lane; j < V; j += THREADS) out[j] = E::store(f(E::load(x[j]), j));

@@ -52,15 +52,15 @@ nll_cached_kernel(const typename E::storage* __restrict__ logits, int64_t stride
   for (int c = 0; c < kCache; ++c) {
 #pragma unroll
     for (int k = 0; k < P::N; ++k) {
-      f[c][k] = expf(f[c][k] - shift);
+      f[c][k] = fast_exp(f[c][k] - shift);
       s += f[c][k];
     }
   }
   s = warp_sum(s);
-  const float lse = shift + logf(s);
   const float w = weights[row];
   const int64_t t = load_token(tokens, tokens64, row);
-  if (lane == 0) loss[row] = -w * ((t >= 0 && t < V) ? E::load(x[t]) - lse : kNaN);
+  // (x - shift) - log s, never x - lse: lse is rounded at the logits' magnitude.
+  if (lane == 0) loss[row] = -w * ((t >= 0 && t < V) ? (E::load(x[t]) - shift) - logf(s) : kNaN);
   if (grad == nullptr) return;
   const float scale = w / s;  // softmax = e / s
   P* op = reinterpret_cast<P*>(grad + row * V);
@@ -93,37 +93,37 @@ nll_stream_kernel(const typename E::storage* __restrict__ logits, int64_t stride
   const int64_t packs = vec ? V / P::N : 0;
   Stats st = stats_empty();
   const P* xp = reinterpret_cast<const P*>(x);
-  for (int64_t j = lane; j < packs; j += THREADS) {
-    const P pk = xp[j];
+  for_each_pack<THREADS>(xp, packs, lane, [&](const P& pk, int64_t) {
     float f[P::N];
 #pragma unroll
     for (int k = 0; k < P::N; ++k) f[k] = E::load(pk.v[k]);
     stats_add_values<false>(st, f);
-  }
+  });
   for (int64_t j = packs * P::N + lane; j < V; j += THREADS) {
     const float f[1] = {E::load(x[j])};
     stats_add_values<false>(st, f);
   }
   st = group_reduce<false, THREADS>(st);
-  const float lse = stats_shift(st) + logf(st.s);
+  const float shift = stats_shift(st);
+  const float log_s = logf(st.s);
+  const float lse = shift + log_s;
   const float w = weights[row];
   const int64_t t = load_token(tokens, tokens64, row);
-  if (lane == 0) loss[row] = -w * ((t >= 0 && t < V) ? E::load(x[t]) - lse : kNaN);
+  if (lane == 0) loss[row] = -w * ((t >= 0 && t < V) ? (E::load(x[t]) - shift) - log_s : kNaN);
   if (grad == nullptr) return;
   typename E::storage* out = grad + row * V;
   P* op = reinterpret_cast<P*>(out);
-  for (int64_t j = lane; j < packs; j += THREADS) {
-    const P pk = xp[j];
+  for_each_pack<THREADS>(xp, packs, lane, [&](const P& pk, int64_t j) {
     P o;
 #pragma unroll
     for (int k = 0; k < P::N; ++k) {
       const int64_t col = j * P::N + k;
-      o.v[k] = E::store(w * (expf(E::load(pk.v[k]) - lse) - (col == t ? 1.f : 0.f)));
+      o.v[k] = E::store(w * (fast_exp(E::load(pk.v[k]) - lse) - (col == t ? 1.f : 0.f)));
     }
     op[j] = o;
-  }
+  });
   for (int64_t j = packs * P::N + lane; j < V; j += THREADS) {
-    out[j] = E::store(w * (expf(E::load(x[j]) - lse) - (j == t ? 1.f : 0.f)));
+    out[j] = E::store(w * (fast_exp(E::load(x[j]) - lse) - (j == t ? 1.f : 0.f)));
   }
 }
 

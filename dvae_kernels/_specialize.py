@@ -1,0 +1,301 @@
+"""Every Triton launch of the package, specialised exactly as a real launch is, without a GPU.
+
+A real launch lets Triton's JIT specialise the kernel on its arguments: pointers 16-byte
+aligned get ``tt.divisibility = 16``, integers divisible by 16 likewise, integers equal to 1
+become constexprs, and the launcher's own constexprs and ``num_warps``/``num_stages`` apply.
+Compiling hand-written signatures (as ``_compile_check`` used to) compiles variants that never
+run. Here the op files' own launchers (``_triton_forward``/``_triton_backward``) run on
+``meta`` tensors (no memory, 16-byte aligned data pointers, real shapes and strides) while
+:func:`capture` replaces ``JITFunction.run``: each launch is recorded with the signature,
+constexprs, attributes and options that Triton's binder derives from the arguments, and the
+grid, instead of being compiled and run. ``_compile_check`` and ``bench.static`` compile these
+records with ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target, options)``,
+which is what ``JITFunction.run`` itself does on a GPU.
+
+Run without TRITON_INTERPRET (the interpreter replaces the kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+META = torch.device("meta")
+
+
+@dataclasses.dataclass
+class Launch:
+    """One recorded kernel launch."""
+
+    kernel: Any  # the JITFunction
+    signature: dict[str, str]
+    constexprs: dict
+    attrs: dict
+    options: dict
+    grid: tuple[int, int, int]
+    ints: dict = dataclasses.field(default_factory=dict)  # the integer arguments' values
+
+    @property
+    def name(self) -> str:
+        return self.kernel.__name__
+
+    @property
+    def num_warps(self) -> int:
+        return int(self.options["num_warps"])
+
+    @property
+    def programs(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    def constexpr(self, name: str):
+        return self.constexprs[(self.kernel.arg_names.index(name),)]
+
+    def describe(self) -> str:
+        names = self.kernel.arg_names
+        consts = {names[k[0]]: v for k, v in self.constexprs.items()}
+        div = sorted(names[k[0]] for k in self.attrs)
+        return f"{self.name} {consts} divisible16={div} warps={self.num_warps}"
+
+
+@contextlib.contextmanager
+def capture(capability: int = 90) -> Iterator[list[Launch]]:
+    """Within the block, Triton launches are recorded (for a ``cuda`` target of compute
+    capability ``capability``) instead of compiled and run."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime import jit
+
+    if not hasattr(jit, "create_function_from_signature"):  # pragma: no cover - other triton
+        raise RuntimeError("this triton version has no create_function_from_signature")
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    launches: list[Launch] = []
+    binders: dict[int, Callable] = {}
+    original = jit.JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        binder = binders.get(id(self))
+        if binder is None:
+            binder = jit.create_function_from_signature(self.signature, self.params, backend)
+            binders[id(self)] = binder
+        bound_args, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = self._pack_args(
+            backend, kwargs, bound_args, specialization, options)
+        g = grid(bound_args) if callable(grid) else grid
+        g = tuple(int(x) for x in g) + (1,) * (3 - len(g))
+        ints = {k: v for k, v in bound_args.items()
+                if isinstance(v, int) and not isinstance(v, bool)}
+        launches.append(Launch(self, signature, constexprs, attrs, dict(options.__dict__), g,
+                               ints))
+        return None
+
+    from . import _triton
+
+    jit.JITFunction.run = run
+    _triton.CAPABILITY_OVERRIDE = capability
+    try:
+        yield launches
+    finally:
+        jit.JITFunction.run = original
+        _triton.CAPABILITY_OVERRIDE = None
+
+
+def compile_launch(launch: Launch, capability: int):
+    """``triton.compile`` of a recorded launch for ``capability`` (80, 90): what
+    ``JITFunction.run`` does on a GPU when the kernel is not cached."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=launch.kernel, signature=launch.signature,
+                    constexprs=launch.constexprs, attrs=launch.attrs)
+    options = {k: v for k, v in launch.options.items()
+               if k in ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")}
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads: the op launchers at given shapes, on meta tensors.
+# ---------------------------------------------------------------------------------------------
+
+_DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _module(name: str):
+    """The op module (the package namespace binds the op names to the public functions)."""
+    import importlib
+
+    return importlib.import_module(f"dvae_kernels.{name}")
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, device=META)
+
+
+@dataclasses.dataclass
+class Workload:
+    """An op phase at one shape: ``run()`` calls the launchers (inside :func:`capture`)."""
+
+    op: str
+    phase: str
+    shape: dict
+    run: Callable[[], Any]
+
+    @property
+    def label(self) -> str:
+        return f"{self.op}.{self.phase}"
+
+
+def token_workloads(R: int, V: int, dtype: str = "bf16", token_dtype=torch.int64,
+                    entropy: bool = False, all_variants: bool = False) -> list[Workload]:
+    """token_logprobs and weighted_token_nll at logits [R, V]."""
+    tlp = _module("token_logprobs")
+    wnll = _module("weighted_token_nll")
+
+    dt = _DT[dtype]
+    shape = {"R": R, "V": V, "dtype": dtype}
+    logits = _t(R, V, dtype=dt)
+    tokens = torch.empty(R, dtype=token_dtype, device=META)
+    rowf = _t(R)
+    out = [Workload("token_logprobs", "fwd", shape,
+                    lambda: tlp._triton_forward(logits, tokens, entropy)),
+           Workload("token_logprobs", "bwd", shape,
+                    lambda: tlp._triton_backward(rowf, rowf if entropy else None, logits,
+                                                 tokens, rowf, rowf)),
+           Workload("weighted_token_nll", "fwd", shape,
+                    lambda: wnll._triton_forward(logits, tokens, rowf, False)),
+           # The backward: the same kernel with the weights times the upstream gradient.
+           Workload("weighted_token_nll", "bwd", shape,
+                    lambda: wnll._triton_forward(logits, tokens, rowf, True))]
+    if all_variants:
+        out += [Workload("token_logprobs", "fwd_entropy", shape,
+                         lambda: tlp._triton_forward(logits, tokens, True)),
+                Workload("token_logprobs", "bwd_entropy_only", shape,
+                         lambda: tlp._triton_backward(None, rowf, logits, tokens, rowf, rowf)),
+                Workload("token_logprobs", "bwd_both", shape,
+                         lambda: tlp._triton_backward(rowf, rowf, logits, tokens, rowf, rowf)),
+]
+    return out
+
+
+def linear_workloads(N: int, D: int, V: int, dtype: str = "bf16", bias: bool = False,
+                     all_variants: bool = False) -> list[Workload]:
+    """linear_token_logprobs (and so linear_weighted_token_nll) at hidden [N, D], weight
+    [V, D]."""
+    ltl = _module("linear_token_logprobs")
+
+    dt = _DT[dtype]
+    shape = {"N": N, "D": D, "V": V, "dtype": dtype}
+    h, w = _t(N, D, dtype=dt), _t(V, D, dtype=dt)
+    b = _t(V, dtype=dt) if bias else None
+    tokens = torch.empty(N, dtype=torch.int64, device=META)
+    rowf = _t(N)
+    out = [Workload("linear_token_logprobs", "fwd", shape,
+                    lambda: ltl._triton_forward(h, w, tokens, b)),
+           Workload("linear_token_logprobs", "bwd", shape,
+                    lambda: ltl._triton_backward(rowf, None, None, h, w, tokens, b, rowf, rowf))]
+    if all_variants:
+        out.append(Workload("linear_token_logprobs", "bwd_all_grads", shape,
+                            lambda: ltl._triton_backward(rowf, rowf, rowf, h, w, tokens, b,
+                                                         rowf, rowf)))
+    return out
+
+
+def sampler_workloads(R: int, V: int, D: int, dtype: str = "bf16", greedy: bool = False,
+                      bias: bool = False) -> list[Workload]:
+    """sample_tokens at logits [R, V] and linear_sample_tokens at hidden [R, D]."""
+    lst = _module("linear_sample_tokens")
+    st = _module("sample_tokens")
+
+    dt = _DT[dtype]
+    temperature = 0.0 if greedy else 1.0
+    logits = _t(R, V, dtype=dt)
+    seeds = torch.empty(2, dtype=torch.int64, device=META)
+    h, w = _t(R, D, dtype=dt), _t(V, D, dtype=dt)
+    b = _t(V, dtype=dt) if bias else None
+    return [Workload("sample_tokens", "fwd", {"R": R, "V": V, "dtype": dtype},
+                     lambda: st._triton_forward(logits, seeds, temperature)),
+            Workload("linear_sample_tokens", "fwd", {"N": R, "D": D, "V": V, "dtype": dtype},
+                     lambda: lst._triton_forward(h, w, b, seeds, temperature))]
+
+
+def daps_workloads(N: int, K: int) -> list[Workload]:
+    """daps_weights and solve_eta at rewards [N, K] float32."""
+    dw = _module("daps_weights")
+    se = _module("solve_eta")
+
+    r, q, s = _t(N, K), _t(N, K), _t()
+    shape = {"N": N, "K": K, "dtype": "fp32"}
+    return [Workload("daps_weights", "fwd", shape, lambda: dw._triton_forward(r, q, s, s)),
+            Workload("solve_eta", "fwd", shape,
+                     lambda: se._triton_forward(r, q, s, 0.5, 1e-3, 1e3))]
+
+
+def representative_workloads() -> list[Workload]:
+    """The shapes of issue 9 (bf16): token ops at [1,048,576, 1024] and [8192, 32768]; linear
+    ops at the DAPS shape (N=524,288, D=128, V=1024) and at N=65,536, D=512, V=16,384;
+    samplers at 512 rows, V=1024, D=128."""
+    return (token_workloads(1 << 20, 1024) + token_workloads(8192, 32768)
+            + linear_workloads(524288, 128, 1024) + linear_workloads(65536, 512, 16384)
+            + sampler_workloads(512, 1024, 128))
+
+
+def compile_check_workloads() -> list[Workload]:
+    """Every constexpr branch a launcher can take, at small shapes whose specialisation differs:
+    V a multiple of 16 and not (1000, 50257: a multi-row tile and a one-row tile), each
+    dtype, int32 and int64 tokens, bias or not, greedy or not, every backward gradient
+    combination. Few tl.dot variants: each takes seconds to compile."""
+    out: list[Workload] = []
+    for dtype in ("fp32", "bf16", "fp16"):
+        full = dtype == "bf16"
+        for V in (1024, 1000, 50257):
+            for tok in ((torch.int64, torch.int32) if full else (torch.int64,)):
+                out += token_workloads(64, V, dtype, tok, all_variants=full)
+    for dtype, D, V, bias, full in (("fp32", 128, 1024, False, False),
+                                    ("bf16", 100, 1000, True, True),
+                                    ("fp16", 128, 1024, True, False)):
+        out += linear_workloads(256, D, V, dtype, bias, all_variants=full)
+    for dtype, V, greedy, bias in (("fp32", 1024, True, False), ("bf16", 1000, False, True),
+                                   ("fp16", 50257, False, False)):
+        out += sampler_workloads(64, V, 64, dtype, greedy, bias)
+    for N, K in ((4096, 8), (64, 4096), (1 << 20, 4096)):
+        out += daps_workloads(N, K)
+    return out
+
+
+def launches_of(workloads: list[Workload], capability: int = 90
+                ) -> list[tuple[Workload, Launch]]:
+    """(workload, launch) for every launch the workloads make, in order."""
+    out = []
+    for wl in workloads:
+        with capture(capability) as launches:
+            wl.run()
+        if not launches:
+            raise RuntimeError(f"{wl.label} {wl.shape} launched no Triton kernel")
+        out.extend((wl, launch) for launch in launches)
+    return out
+
+
+def unique_launches(pairs: list[tuple[Workload, Launch]]) -> list[Launch]:
+    """Distinct compilations (kernel, signature, constexprs, attrs, options)."""
+    seen, out = set(), []
+    for _, launch in pairs:
+        key = (id(launch.kernel), tuple(sorted(launch.signature.items())),
+               repr(sorted(launch.constexprs.items())), repr(sorted(launch.attrs.items())),
+               launch.num_warps, launch.options.get("num_stages"))
+        if key not in seen:
+            seen.add(key)
+            out.append(launch)
+    return out
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b) if b else 0
+
+
+__all__ = ["Launch", "Workload", "capture", "compile_launch", "launches_of", "unique_launches",
+           "representative_workloads", "compile_check_workloads", "cdiv"]
