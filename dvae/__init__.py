@@ -10,6 +10,14 @@ Modules: :mod:`dvae.models` (encoder, decoders, likelihoods), :mod:`dvae.daps` (
 :mod:`dvae.train_step` (one step), :mod:`dvae.trainer` (the loop), :mod:`dvae.bench_api`.
 """
 
-from .config import PRESETS, Config, load_config
-
 __all__ = ["PRESETS", "Config", "load_config"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that `dvae.cli` can start (and name the missing package in one line) where
+    # the training extra is not installed: dvae.config needs pyyaml.
+    if name in __all__:
+        from . import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module 'dvae' has no attribute {name!r}")

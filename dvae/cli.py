@@ -195,6 +195,17 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as err:  # `pip install dvae` has the kernels only
+        if err.name is None or err.name.split(".")[0] in ("dvae", "dvae_kernels"):
+            raise
+        print(f"dvae: error: the dvae command needs the training extra ({err.name} is "
+              "missing): pip install 'dvae[train]'", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parse(argv)
     from dvae_kernels import BackendError
 

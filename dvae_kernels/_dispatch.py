@@ -30,6 +30,12 @@ _PREFERENCE = {
     "cpu": ("cpu", "torch"),
 }
 
+# (op, backend) pairs never chosen automatically (an explicit backend= still runs them):
+# the CUDA solve_eta / daps_weights run one block for the whole batch, which a reading of
+# their compiled code (issue 9) put at about 10x the Triton kernels' time at the paper's N x K.
+# They remain for explicit use and for comparison in bench; torch serves where Triton refuses.
+NOT_AUTOMATIC = frozenset({("solve_eta", "cuda"), ("daps_weights", "cuda")})
+
 ENV_VAR = "DVAE_KERNELS_BACKEND"
 
 Supports = Callable[..., "str | None"]
@@ -80,6 +86,8 @@ def select(op: str, table: Mapping[str, Supports], backend: str | None,
     for name in _PREFERENCE.get(device.type, ("torch",)):
         if name == "triton" and device.type != "cuda":
             continue  # interpreted Triton is for tests only; never an automatic choice
+        if (op, name) in NOT_AUTOMATIC:
+            continue
         reason = _refusal(op, table, name, device, inputs)
         if reason is None:
             return name

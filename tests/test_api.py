@@ -146,3 +146,15 @@ def test_linear_ops_give_nan_for_inf_logits_like_token_logprobs():
     ref = dk.token_logprobs(torch.nn.functional.linear(h, w, b), t, backend="torch")
     out = dk.linear_token_logprobs(h, w, t, b, backend="torch")
     assert ref.isnan().all() and out.isnan().all()
+
+
+def test_cuda_eta_ops_are_never_chosen_automatically(monkeypatch):
+    monkeypatch.setitem(_dispatch._PREFERENCE, "cuda", ("cuda", "torch"))
+    monkeypatch.setattr(_dispatch, "_refusal", lambda op, table, name, device, inputs: None)
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    cuda = torch.device("cuda")
+    table = {"torch": None, "cuda": None}
+    assert _dispatch.select("solve_eta", table, None, cuda) == "torch"
+    assert _dispatch.select("daps_weights", table, None, cuda) == "torch"
+    assert _dispatch.select("token_logprobs", table, None, cuda) == "cuda"
+    assert _dispatch.select("solve_eta", table, "cuda", cuda) == "cuda"  # explicit still runs

@@ -14,7 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_DEPS = {"torch", "triton", "numpy"}
 # Import name -> distribution name, for the training module's third-party imports.
-DIST = {"sklearn": "scikit-learn", "yaml": "pyyaml", "PIL": "pillow"}
+DIST = {"sklearn": "scikit-learn", "yaml": "pyyaml", "PIL": "pillow",
+        "pytorch_fid": "pytorch-fid"}
 
 
 def _top_level_imports(path: Path) -> dict[str, int]:
@@ -108,3 +109,22 @@ print(head.log_prob(torch.randn(3, 8), torch.tensor([0, 5, 19])).shape)
                           text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "torch.Size([3])"
+
+
+def test_dvae_command_without_the_training_extra_says_what_to_install():
+    import os
+    import subprocess
+
+    code = """
+import sys
+sys.modules["yaml"] = None  # as after `pip install dvae` (kernels only)
+from dvae.cli import main
+sys.exit(main(["train", "steps=1"]))
+"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        "dvae: error: the dvae command needs the training extra (yaml is missing): "
+        "pip install 'dvae[train]'"]
