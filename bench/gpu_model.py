@@ -23,7 +23,8 @@ Assumptions (each a choice a measurement can overturn; bench/README.md lists the
   the trace uses fake CPU tensors with the CUDA path's settings forced: fused linear ops
   (``fused_linear=always``), bf16 autocast (the CPU autocast lists; like CUDA's they cast
   linear, matmul, convolution and attention to bf16 and keep LayerNorm and softmax in fp32), and
-  ``dvae_kernels`` dispatched to its Triton backend (the backend CUDA picks first). Each
+  ``dvae_kernels`` dispatched to its Triton backend (the backend CUDA picks first), and the
+  grouped adaptive clipping (:class:`dvae.optim.AdaptiveClip` groups on CUDA only). Each
   ``dvae_kernels`` op is one opaque op in the trace and is counted as the Triton launches its
   ``_triton_forward``/``_triton_backward`` make (:data:`CUSTOM_LAUNCHES`).
 * **Launches.** Views and metadata ops (``view``, ``transpose``, ``slice``, ``detach``,
@@ -31,8 +32,9 @@ Assumptions (each a choice a measurement can overturn; bench/README.md lists the
   (flash backward: preprocess, main, dq conversion), convolution backward one per gradient it
   returns, ``_foreach_*`` and fused AdamW ``multi_tensor_apply`` launches (at most 110/64/48/36/30
   tensors for 1..5 tensor lists and 320 blocks of 65536 elements per launch; ``_foreach_norm``
-  adds its final reduction kernel). ``_local_scalar_dense`` (a host read) is listed in
-  ``host_reads`` and not priced (a sync of the device on CUDA: the step should have none).
+  adds its final reduction kernel), ``cat`` one per 128 inputs (CUDA's batched copy).
+  ``_local_scalar_dense`` (a host read) is listed in ``host_reads`` and not priced (a sync of
+  the device on CUDA: the step should have none).
 * **SDPA on CUDA.** bf16 with head dim <= 256: flash attention when there is no mask; with a
   boolean mask the memory-efficient kernel after the mask is converted to an additive one (the
   ``scalar_tensor``/``where`` ops of the trace, three kernels per call). Attention FLOPs are
@@ -245,6 +247,8 @@ def op_cost(func, args, kwargs, out, position: int | None) -> OpCost:
             lists.append(outs)
         launches = _mta_launches(lists) + (1 if name == "_foreach_norm" else 0)
         return OpCost(launches, 0.0, nbytes, True)
+    if name == "cat":  # CUDA's batched cat copies up to 128 inputs per launch
+        return OpCost(max(1, math.ceil(len(_tensors(args[0])) / 128)), 0.0, nbytes, True)
     if name in SDPA_FWD:
         q, k, v = args[:3]
         flops = flop_counter.sdpa_flop_count(q.shape, k.shape, v.shape)
@@ -372,6 +376,8 @@ def trace_step(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> tupl
         model = build_model(cfg)
         step = DAPSTrainStep(model, cfg, phases=hooks)
         step.use_amp = cfg.amp  # the CUDA path: bf16 autocast (here the CPU lists)
+        if step.clipper is not None:
+            step.clipper.grouped = True  # what AdaptiveClip picks on CUDA
         if cfg.amp:
             step.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
         x = torch.rand(cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size)

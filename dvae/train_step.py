@@ -63,6 +63,8 @@ class DAPSTrainStep:
                               if cfg.eta_mode == "learned" else None)
         clip_dims = optim.unit_reduce_dims(self.raw)
         self.clip_dims = {p: clip_dims[p] for p in net_params}
+        # all gradients clipped in a fixed number of kernels (index maps built once)
+        self.clipper = optim.AdaptiveClip(self.clip_dims, cfg.clip) if cfg.clip > 0 else None
         self.skipped = torch.zeros((), dtype=torch.float32, device=device)
         self.use_amp = cfg.amp and device.type == "cuda"
         self.fused = (cfg.fused_linear == "always"
@@ -148,8 +150,8 @@ class DAPSTrainStep:
             found_inf = optim.nonfinite_flag(params, loss)
             if self.distributed:
                 torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
-            if cfg.clip > 0:
-                optim.adaptive_clip_(self.clip_dims, cfg.clip)
+            if self.clipper is not None:
+                self.clipper()
             optim.step_unless_nonfinite(self.optimizer, found_inf)
             if self.eta_optimizer is not None:
                 optim.step_unless_nonfinite(self.eta_optimizer, found_inf)
