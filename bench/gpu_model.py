@@ -247,7 +247,7 @@ def op_cost(func, args, kwargs, out, position: int | None) -> OpCost:
             lists.append(outs)
         launches = _mta_launches(lists) + (1 if name == "_foreach_norm" else 0)
         return OpCost(launches, 0.0, nbytes, True)
-    if name == "cat":  # CUDA's batched cat copies up to 128 inputs per launch
+    if name in ("cat", "stack"):  # CUDA batches up to 128 inputs per launch
         return OpCost(max(1, math.ceil(len(_tensors(args[0])) / 128)), 0.0, nbytes, True)
     if name in SDPA_FWD:
         q, k, v = args[:3]

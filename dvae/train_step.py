@@ -80,13 +80,19 @@ class DAPSTrainStep:
 
     def sampler(self):
         """The per-position sampler the KV-cache loop calls; dvae_kernels' fused one when
-        present."""
+        present. Call it inside the step's autocast: the head's weight and bias are cast to the
+        autocast dtype here, once per step, not at every position."""
         if not self.fused:
             return None  # the encoder's own Gumbel-max sampler on the materialised logits
         head = self.raw.encoder.head
         backend = self.cfg.kernel_backend
-        return lambda h, g: dvae_kernels.linear_sample_tokens(h, head.weight, head.bias,
-                                                              generator=g, backend=backend)
+        weight, bias = head.weight.detach(), head.bias.detach()
+        dev = weight.device.type
+        if torch.is_autocast_enabled(dev):
+            dtype = torch.get_autocast_dtype(dev)
+            weight, bias = weight.to(dtype), bias.to(dtype)
+        return lambda h, g: dvae_kernels.linear_sample_tokens(h, weight, bias, generator=g,
+                                                              backend=backend)
 
     def __call__(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         # The tokens are the step's own samples, in [0, V) by construction: the ops need not

@@ -8,9 +8,10 @@ Token id 0 is an ordinary token: the start token has its own embedding row (inde
 
 Two ways through the causal stack, which must agree (tests/test_dvae_models.py):
 
-* :meth:`ARTransformerEncoder.sample` draws K sequences per image with a KV cache. Shapes are
-  static: the caches are allocated once, every step attends over all L cache slots with a
-  precomputed causal row mask, and nothing grows, so the loop can be captured as a CUDA graph.
+* :meth:`ARTransformerEncoder.sample` draws K sequences per image with a KV cache, allocated
+  once per call (k and v of a layer in one tensor, written in one copy); position t attends to
+  the t + 1 slots written so far and reads nothing else (no mask). Every position's shapes are
+  fixed by t alone, so the whole loop can be captured as one CUDA graph.
 * :meth:`ARTransformerEncoder.teacher_forced` runs all L positions at once (differentiable).
 
 The K samples of one image share its memory. Cross-attention is not causal, so the K·L queries
@@ -77,14 +78,16 @@ class SelfAttention(nn.Module):
                                            _heads(v, self.heads), is_causal=causal)
         return self.out(_merge(y))
 
-    def step(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t: int,
-             mask: torch.Tensor) -> torch.Tensor:
-        """One position: x [B, 1, d]; caches [B, h, L, dh] get slot t; mask [1, L] bool."""
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        k_cache[:, :, t:t + 1] = _heads(k, self.heads)
-        v_cache[:, :, t:t + 1] = _heads(v, self.heads)
-        y = F.scaled_dot_product_attention(_heads(q, self.heads), k_cache, v_cache,
-                                           attn_mask=mask)
+    def step(self, x: torch.Tensor, kv_cache: torch.Tensor, t: int) -> torch.Tensor:
+        """One position: x [B, 1, d]; kv_cache [2, B, h, L, dh] gets slot t (k and v in one
+        copy); attention reads only the t + 1 written slots (no mask, nothing else read)."""
+        B, _, d = x.shape
+        h = self.heads
+        qkv = self.qkv(x)
+        kv_cache[:, :, :, t:t + 1] = qkv[..., d:].view(B, 1, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        q = qkv[..., :d].view(B, 1, h, d // h).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, kv_cache[0, :, :, :t + 1],
+                                           kv_cache[1, :, :, :t + 1])
         return self.out(_merge(y))
 
 
@@ -140,11 +143,10 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.ln3(x))
 
     def step(self, x: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
-             k_cache: torch.Tensor, v_cache: torch.Tensor, t: int, mask: torch.Tensor
-             ) -> torch.Tensor:
+             kv_cache: torch.Tensor, t: int) -> torch.Tensor:
         NK, _, d = x.shape
         N = mem_k.shape[0]
-        x = x + self.self_attn.step(self.ln1(x), k_cache, v_cache, t, mask)
+        x = x + self.self_attn.step(self.ln1(x), kv_cache, t)
         y = self.cross_attn(self.ln2(x).view(N, NK // N, d), mem_k, mem_v)
         x = x + y.view(NK, 1, d)
         return x + self.mlp(self.ln3(x))
@@ -184,10 +186,6 @@ class ARTransformerEncoder(nn.Module):
         self.head = nn.Linear(d_model, vocab_size)
         self.register_buffer("patch_pos", sinusoidal_positions(P, d_model), persistent=False)
         self.register_buffer("tok_pos", sinusoidal_positions(latent_len, d_model),
-                             persistent=False)
-        # Row t: which cache slots position t may attend to (slots <= t).
-        self.register_buffer("step_masks",
-                             torch.ones(latent_len, latent_len, dtype=torch.bool).tril(),
                              persistent=False)
         self._init_weights()
 
@@ -257,23 +255,23 @@ class ARTransformerEncoder(nn.Module):
         dtype = memory.dtype if not torch.is_autocast_enabled(memory.device.type) else (
             torch.get_autocast_dtype(memory.device.type))
         mem_kv = self.memory_kv(memory)
-        # Zeroed, not empty: masked slots must hold finite values (0 * NaN poisons SDPA).
-        caches = [(memory.new_zeros(B, h_, L, dh, dtype=dtype),
-                   memory.new_zeros(B, h_, L, dh, dtype=dtype)) for _ in self.dec_blocks]
-        tokens = torch.empty(B, L, dtype=torch.long, device=memory.device)
-        logp = torch.empty(B, L, dtype=torch.float32, device=memory.device)
+        # One [2, B, h, L, dh] cache per layer (k and v); slot t is written before it is read,
+        # and no slot beyond t is ever read, so the cache needs no initialisation.
+        caches = [memory.new_empty(2, B, h_, L, dh, dtype=dtype) for _ in self.dec_blocks]
         prev = torch.full((B,), V, dtype=torch.long, device=memory.device)
         if sampler is None:
             sampler = self._default_sampler(temperature)
+        drawn, logps = [], []
         for t in range(L):
             h = (self.tok_embed(prev) + self.tok_pos[t])[:, None, :]
-            mask = self.step_masks[t:t + 1]  # [1, L]: one query row
-            for block, (mk, mv), (kc, vc) in zip(self.dec_blocks, mem_kv, caches):
-                h = block.step(h, mk, mv, kc, vc, t, mask)
-            tok, lp = sampler(self.dec_ln(h[:, 0]), generator)
-            tokens[:, t] = tok
-            logp[:, t] = lp
-            prev = tok
+            for block, (mk, mv), kv in zip(self.dec_blocks, mem_kv, caches):
+                h = block.step(h, mk, mv, kv, t)
+            prev, lp = sampler(self.dec_ln(h[:, 0]), generator)
+            drawn.append(prev)
+            logps.append(lp)
+        # one stack at the end, not two copies per position
+        tokens = torch.stack(drawn, dim=1)
+        logp = torch.stack(logps, dim=1).float()
         return tokens.view(N, K, L), logp.view(N, K, L)
 
     def _default_sampler(self, temperature: float):
