@@ -69,6 +69,9 @@ class Config:
     # [N, K, L, V] logits): "auto" uses them on CUDA, where the Triton kernels make them fast;
     # on the CPU the logits path with the cpu kernels is faster at these vocabulary sizes.
     fused_linear: str = "auto"  # auto | always | never
+    # The sampling loop as one captured CUDA graph: "auto" captures on CUDA and falls back to
+    # eager (one warning) if capture fails; "on" requires it; "off" never captures.
+    sampler_graph: str = "auto"  # auto | on | off
     out_dir: str = "runs/digits"
     log_every: int = 50
     eval_every: int = 500
@@ -103,6 +106,8 @@ class Config:
              f"decoder must be 'mlp' or 'resnet', got {self.decoder!r}")
         need(self.fused_linear in ("auto", "always", "never"),
              f"fused_linear must be auto, always or never, got {self.fused_linear!r}")
+        need(self.sampler_graph in ("auto", "on", "off"),
+             f"sampler_graph must be auto, on or off, got {self.sampler_graph!r}")
         need(self.eta_mode in ("learned", "solved"),
              f"eta_mode must be 'learned' or 'solved', got {self.eta_mode!r}")
         need(self.baseline in ("logsumexp", "mean"),
@@ -187,8 +192,13 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
 
 
 def _parse_value(raw: str, current: Any, name: str) -> Any:
-    """Parse a command-line value with YAML rules (``1e-3``, ``true``, ``[64, 256]``, ``null``)."""
-    return _coerce(yaml.safe_load(raw), current, name)
+    """Parse a command-line value with YAML rules (``1e-3``, ``true``, ``[64, 256]``, ``null``);
+    for a string field, ``on``/``off``/``yes``/``no`` stay words (YAML 1.1 reads them as
+    booleans: ``sampler_graph=on``)."""
+    value = yaml.safe_load(raw)
+    if isinstance(current, str) and isinstance(value, bool):
+        value = raw
+    return _coerce(value, current, name)
 
 
 def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()
