@@ -24,9 +24,11 @@ Assumptions (each a choice a measurement can overturn; bench/README.md lists the
   (``fused_linear=always``), bf16 autocast (the CPU autocast lists; like CUDA's they cast
   linear, matmul, convolution and attention to bf16 and keep LayerNorm and softmax in fp32), and
   ``dvae_kernels`` dispatched to its Triton backend (the backend CUDA picks first), and the
-  grouped adaptive clipping (:class:`dvae.optim.AdaptiveClip` groups on CUDA only). Each
-  ``dvae_kernels`` op is one opaque op in the trace and is counted as the Triton launches its
-  ``_triton_forward``/``_triton_backward`` make (:data:`CUSTOM_LAUNCHES`).
+  grouped adaptive clipping (:class:`dvae.optim.AdaptiveClip` groups on CUDA only), and
+  dvae's own Triton kernels (``dvae::add_layer_norm``). Each ``dvae_kernels``/``dvae`` op is
+  one opaque op in the trace and is counted as the Triton launches its implementation makes
+  (:data:`CUSTOM_LAUNCHES`). The captured sampler (``sampler_graph``) is traced as its eager
+  loop; its graph adds one copy of the images in and one of the tokens out per step.
 * **Launches.** Views and metadata ops (``view``, ``transpose``, ``slice``, ``detach``,
   ``empty``, ...) launch nothing; every other aten op is one kernel, except: SDPA backward 3
   (flash backward: preprocess, main, dq conversion), convolution backward one per gradient it
@@ -188,6 +190,7 @@ CUSTOM_LAUNCHES = {
     "daps_weights": _c_simple(1),
     "solve_eta": _c_simple(2),  # full(eta_max) + the kernel
     "decode_attention": _c_simple(1),
+    "add_layer_norm": _c_simple(1),  # dvae::add_layer_norm (dvae/models/fused.py)
 }
 
 SDPA_FWD = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
@@ -227,11 +230,11 @@ def op_cost(func, args, kwargs, out, position: int | None) -> OpCost:
                                                  if id(t) not in in_ids)
     if name == "copy_":  # the destination is written, not read
         nbytes = footprint(args[1]) + footprint(args[0])
-    if ns == "dvae_kernels":
+    if ns in ("dvae_kernels", "dvae"):
         cost = CUSTOM_LAUNCHES.get(name)
         if cost is None:
-            raise KeyError(f"bench.gpu_model has no launch count for dvae_kernels::{name}; add "
-                           f"it to CUSTOM_LAUNCHES")
+            raise KeyError(f"bench.gpu_model has no launch count for {ns}::{name}; add it to "
+                           f"CUSTOM_LAUNCHES")
         launches, flops, half = cost(args, out)
         if name == "decode_attention" and position is not None:
             q, k_cache = args[0], args[1]
@@ -340,6 +343,7 @@ def _cuda_like_dispatch() -> Iterator[None]:
     value of CPU scalars only, to check it; on CUDA it stays on the device)."""
     from torch._subclasses.fake_tensor import FakeTensor
 
+    from dvae.models import fused
     from dvae_kernels import _dispatch, _validate
 
     original, original_scalar = _dispatch.backend_unavailable, _validate.scalar
@@ -354,7 +358,8 @@ def _cuda_like_dispatch() -> Iterator[None]:
 
     _dispatch.backend_unavailable, _validate.scalar = unavailable, scalar
     try:
-        yield
+        with fused.force_triton():  # dvae's own Triton kernels, as on CUDA
+            yield
     finally:
         _dispatch.backend_unavailable, _validate.scalar = original, original_scalar
 

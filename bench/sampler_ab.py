@@ -3,7 +3,7 @@
 written out in tests/test_sampler_equivalence.py), ``after`` is ``ARTransformerEncoder.sample``
 as it is now. Best of ``--reps`` calls each (a shared machine: the minimum is the least noisy).
 
-    python -m bench.sampler_ab [--threads 2] [--reps 7]
+    python -m bench.sampler_ab [--threads 1] [--reps 7]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tests.test_sampler_equivalence import _default_sampler, _original_sample
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.sampler_ab")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import add_layer_norm, compute_dtype
 from .patches import Patcher
 
 
@@ -142,14 +143,18 @@ class DecoderBlock(nn.Module):
         x = x + y.view(NK, T, d)
         return x + self.mlp(self.ln3(x))
 
-    def step(self, x: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
-             kv_cache: torch.Tensor, t: int) -> torch.Tensor:
+    def step(self, x: torch.Tensor, xn: torch.Tensor, mem_k: torch.Tensor,
+             mem_v: torch.Tensor, kv_cache: torch.Tensor, t: int, next_ln: nn.LayerNorm,
+             out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One position. ``x`` [B, 1, d] is the residual stream and ``xn = ln1(x)``; returns
+        the block's output and ``next_ln`` of it (the next block's ln1, or the final norm).
+        Each residual add is fused with the LayerNorm after it (:func:`add_layer_norm`)."""
         NK, _, d = x.shape
         N = mem_k.shape[0]
-        x = x + self.self_attn.step(self.ln1(x), kv_cache, t)
-        y = self.cross_attn(self.ln2(x).view(N, NK // N, d), mem_k, mem_v)
-        x = x + y.view(NK, 1, d)
-        return x + self.mlp(self.ln3(x))
+        x, xn = add_layer_norm(x, self.self_attn.step(xn, kv_cache, t), self.ln2, out_dtype)
+        y = self.cross_attn(xn.view(N, NK // N, d), mem_k, mem_v)
+        x, xn = add_layer_norm(x, y.view(NK, 1, d), self.ln3, out_dtype)
+        return add_layer_norm(x, self.mlp(xn), next_ln, out_dtype)
 
 
 class ARTransformerEncoder(nn.Module):
@@ -262,11 +267,15 @@ class ARTransformerEncoder(nn.Module):
         if sampler is None:
             sampler = self._default_sampler(temperature)
         drawn, logps = [], []
+        blocks = list(self.dec_blocks)
+        norms = [b.ln1 for b in blocks[1:]] + [self.dec_ln]
+        out_dtype = compute_dtype(memory)  # LayerNorm outputs in the matmuls' dtype
         for t in range(L):
-            h = (self.tok_embed(prev) + self.tok_pos[t])[:, None, :]
-            for block, (mk, mv), kv in zip(self.dec_blocks, mem_kv, caches):
-                h = block.step(h, mk, mv, kv, t)
-            prev, lp = sampler(self.dec_ln(h[:, 0]), generator)
+            x, xn = add_layer_norm(self.tok_embed(prev)[:, None, :], self.tok_pos[t],
+                                   blocks[0].ln1 if blocks else self.dec_ln, out_dtype)
+            for block, (mk, mv), kv, norm in zip(blocks, mem_kv, caches, norms):
+                x, xn = block.step(x, xn, mk, mv, kv, t, norm, out_dtype)
+            prev, lp = sampler(xn[:, 0], generator)
             drawn.append(prev)
             logps.append(lp)
         # one stack at the end, not two copies per position
