@@ -25,10 +25,11 @@ Assumptions (each a choice a measurement can overturn; bench/README.md lists the
   linear, matmul, convolution and attention to bf16 and keep LayerNorm and softmax in fp32), and
   ``dvae_kernels`` dispatched to its Triton backend (the backend CUDA picks first), and the
   grouped adaptive clipping (:class:`dvae.optim.AdaptiveClip` groups on CUDA only), and
-  dvae's own Triton kernels (``dvae::add_layer_norm``). Each ``dvae_kernels``/``dvae`` op is
-  one opaque op in the trace and is counted as the Triton launches its implementation makes
-  (:data:`CUSTOM_LAUNCHES`). The captured sampler (``sampler_graph``) is traced as its eager
-  loop; its graph adds one copy of the images in and one of the tokens out per step.
+  dvae's own Triton kernels (``dvae::add_layer_norm``, ``dvae::decode_attention``). Each
+  ``dvae_kernels``/``dvae`` op is one opaque op in the trace and is counted as the Triton
+  launches its implementation makes (:data:`CUSTOM_LAUNCHES`). The captured sampler
+  (``sampler_graph``) is traced as its eager loop; its graph adds one copy of the images in and
+  one of the tokens out per step.
 * **Launches.** Views and metadata ops (``view``, ``transpose``, ``slice``, ``detach``,
   ``empty``, ...) launch nothing; every other aten op is one kernel, except: SDPA backward 3
   (flash backward: preprocess, main, dq conversion), convolution backward one per gradient it
@@ -42,8 +43,9 @@ Assumptions (each a choice a measurement can overturn; bench/README.md lists the
   ``scalar_tensor``/``where`` ops of the trace, three kernels per call). Attention FLOPs are
   ``torch.utils.flop_counter``'s formulas (halved when causal: the kernels skip masked tiles);
   its bytes are q, k, v, mask and output once, so an attention over a whole static KV cache
-  reads the whole cache. ``dvae_kernels::decode_attention`` reads only the ``t + 1`` valid cache
-  slots of position ``t`` (known here from the position counter of the trace).
+  reads the whole cache. ``dvae::decode_attention`` (the sampler's Triton kernel) reads the
+  ``t`` earlier slots of position ``t`` and writes slot ``t`` (t known here from the position
+  counter of the trace; the kernel reads it from device memory).
 * **FLOPs** are counted for matmul-like ops only (mm, addmm, bmm, convolution and its backward,
   attention, the linear ``dvae_kernels`` ops: 2·N·V·D per logits pass); elementwise ops are
   priced by their bytes. bf16/fp16 matmuls run at the bf16 tensor-core rate, fp32 ones at the
@@ -189,7 +191,7 @@ CUSTOM_LAUNCHES = {
     "weighted_token_nll": _c_simple(1),
     "daps_weights": _c_simple(1),
     "solve_eta": _c_simple(2),  # full(eta_max) + the kernel
-    "decode_attention": _c_simple(1),
+    "decode_attention": _c_simple(1),  # dvae::decode_attention (dvae/models/fused.py)
     "add_layer_norm": _c_simple(1),  # dvae::add_layer_norm (dvae/models/fused.py)
 }
 
@@ -237,10 +239,11 @@ def op_cost(func, args, kwargs, out, position: int | None) -> OpCost:
                            f"CUSTOM_LAUNCHES")
         launches, flops, half = cost(args, out)
         if name == "decode_attention" and position is not None:
-            q, k_cache = args[0], args[1]
-            B, H, L, dh = k_cache.shape
-            slots = min(position + 1, L)
-            nbytes = 2 * footprint(q) + 2 * B * H * slots * dh * k_cache.element_size()
+            q, kv_new, kv_cache = args[0], args[1], args[2]
+            _, B, H, L, dh = kv_cache.shape
+            slots = min(position + 1, L)  # reads slots 0..t-1, writes slot t
+            nbytes = (2 * footprint(q) + 2 * footprint(kv_new)
+                      + 2 * B * H * slots * dh * kv_cache.element_size())
             flops, half = 4 * B * H * slots * dh, _half(q)
         return OpCost(launches, flops, nbytes, half)
     if name.startswith("_foreach_") or name.startswith("_fused_"):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import add_layer_norm, compute_dtype
+from .fused import add_layer_norm, compute_dtype, decode_attention
 from .patches import Patcher
 
 
@@ -79,17 +79,18 @@ class SelfAttention(nn.Module):
                                            _heads(v, self.heads), is_causal=causal)
         return self.out(_merge(y))
 
-    def step(self, x: torch.Tensor, kv_cache: torch.Tensor, t: int) -> torch.Tensor:
+    def step(self, x: torch.Tensor, kv_cache: torch.Tensor, t: int,
+             t_device: torch.Tensor | None = None) -> torch.Tensor:
         """One position: x [B, 1, d]; kv_cache [2, B, h, L, dh] gets slot t (k and v in one
-        copy); attention reads only the t + 1 written slots (no mask, nothing else read)."""
+        write); attention reads only the t + 1 written slots (no mask, nothing else read):
+        :func:`dvae.models.fused.decode_attention`, one Triton kernel on CUDA that reads the
+        position from ``t_device``."""
         B, _, d = x.shape
         h = self.heads
         qkv = self.qkv(x)
-        kv_cache[:, :, :, t:t + 1] = qkv[..., d:].view(B, 1, 2, h, d // h).permute(2, 0, 3, 1, 4)
-        q = qkv[..., :d].view(B, 1, h, d // h).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, kv_cache[0, :, :, :t + 1],
-                                           kv_cache[1, :, :, :t + 1])
-        return self.out(_merge(y))
+        y = decode_attention(qkv[..., :d].view(B, h, d // h),
+                             qkv[..., d:].view(B, 2, h, d // h), kv_cache, t, t_device)
+        return self.out(y.reshape(B, 1, d))
 
 
 class CrossAttention(nn.Module):
@@ -145,13 +146,15 @@ class DecoderBlock(nn.Module):
 
     def step(self, x: torch.Tensor, xn: torch.Tensor, mem_k: torch.Tensor,
              mem_v: torch.Tensor, kv_cache: torch.Tensor, t: int, next_ln: nn.LayerNorm,
-             out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+             out_dtype: torch.dtype | None, t_device: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """One position. ``x`` [B, 1, d] is the residual stream and ``xn = ln1(x)``; returns
         the block's output and ``next_ln`` of it (the next block's ln1, or the final norm).
         Each residual add is fused with the LayerNorm after it (:func:`add_layer_norm`)."""
         NK, _, d = x.shape
         N = mem_k.shape[0]
-        x, xn = add_layer_norm(x, self.self_attn.step(xn, kv_cache, t), self.ln2, out_dtype)
+        x, xn = add_layer_norm(x, self.self_attn.step(xn, kv_cache, t, t_device), self.ln2,
+                               out_dtype)
         y = self.cross_attn(xn.view(N, NK // N, d), mem_k, mem_v)
         x, xn = add_layer_norm(x, y.view(NK, 1, d), self.ln3, out_dtype)
         return add_layer_norm(x, self.mlp(xn), next_ln, out_dtype)
@@ -270,11 +273,13 @@ class ARTransformerEncoder(nn.Module):
         blocks = list(self.dec_blocks)
         norms = [b.ln1 for b in blocks[1:]] + [self.dec_ln]
         out_dtype = compute_dtype(memory)  # LayerNorm outputs in the matmuls' dtype
+        # the positions on the device, made once: decode attention reads its t from here
+        positions = torch.arange(L, dtype=torch.int32, device=memory.device)
         for t in range(L):
             x, xn = add_layer_norm(self.tok_embed(prev)[:, None, :], self.tok_pos[t],
                                    blocks[0].ln1 if blocks else self.dec_ln, out_dtype)
             for block, (mk, mv), kv, norm in zip(blocks, mem_kv, caches, norms):
-                x, xn = block.step(x, xn, mk, mv, kv, t, norm, out_dtype)
+                x, xn = block.step(x, xn, mk, mv, kv, t, norm, out_dtype, positions[t])
             prev, lp = sampler(xn[:, 0], generator)
             drawn.append(prev)
             logps.append(lp)

@@ -6,6 +6,14 @@ compute dtype, in one Triton kernel on CUDA (three kernels in eager PyTorch unde
     s = x + r                                         # the residual stream, x's dtype (fp32)
     y = F.layer_norm(s, (D,), weight, bias, eps).to(out_dtype)
 
+``decode_attention``: one position of causal self-attention over a KV cache. The kernel writes
+the new key and value into slot ``t`` and attends to slots ``0..t`` only, with ``t`` read from
+device memory (so nothing about the position lives on the host: graph-safe), one launch::
+
+    kv_cache[:, :, :, t] = kv_new.transpose(0, 1)     # kv_new [B, 2, h, dh]
+    out = F.scaled_dot_product_attention(q[:, :, None], kv_cache[0, :, :, :t + 1],
+                                         kv_cache[1, :, :, :t + 1])[:, :, 0]
+
 The CPU (and any device without Triton) runs exactly those PyTorch lines, so the CPU path's
 numbers do not change. Triton is used for CUDA tensors, or for CPU tensors through the
 interpreter when :data:`FORCE_TRITON` is set (the tests).
@@ -66,6 +74,113 @@ if HAS_TRITON:
         b = tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         y = diff * rstd * w + b
         tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _decode_attention_kernel(q_ptr, kn_ptr, c_ptr, t_ptr, o_ptr, H, DH,
+                                 stride_qb, stride_qh, stride_nb, stride_n2, stride_nh,
+                                 stride_c2, stride_cb, stride_ch, stride_cl,
+                                 stride_ob, stride_oh, scale,
+                                 BLOCK_S: tl.constexpr, BLOCK_DH: tl.constexpr):
+        pid = tl.program_id(0)
+        b = pid // H
+        hh = pid % H
+        d = tl.arange(0, BLOCK_DH)
+        dm = d < DH
+        t = tl.load(t_ptr).to(tl.int32)
+        q = tl.load(q_ptr + b * stride_qb + hh * stride_qh + d, mask=dm, other=0.0)
+        q = q.to(tl.float32)
+        kn = tl.load(kn_ptr + b * stride_nb + hh * stride_nh + d, mask=dm, other=0.0)
+        vn = tl.load(kn_ptr + b * stride_nb + stride_n2 + hh * stride_nh + d, mask=dm,
+                     other=0.0)
+        k_base = c_ptr + b * stride_cb + hh * stride_ch
+        v_base = k_base + stride_c2
+        tl.store(k_base + t * stride_cl + d, kn.to(c_ptr.dtype.element_ty), mask=dm)
+        tl.store(v_base + t * stride_cl + d, vn.to(c_ptr.dtype.element_ty), mask=dm)
+        # slot t from registers (it is not read back), then slots 0..t-1 from the cache,
+        # with an online softmax
+        kn = kn.to(c_ptr.dtype.element_ty).to(tl.float32)
+        m = tl.sum(q * kn, axis=0) * scale
+        den = m * 0.0 + 1.0
+        acc = vn.to(c_ptr.dtype.element_ty).to(tl.float32)
+        for s0 in range(0, t, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            sm = s < t
+            tile = sm[:, None] & dm[None, :]
+            offs = s[:, None] * stride_cl + d[None, :]
+            k = tl.load(k_base + offs, mask=tile, other=0.0).to(tl.float32)
+            sc = tl.where(sm, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, axis=0))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(sc - m_new)
+            v = tl.load(v_base + offs, mask=tile, other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            den = den * alpha + tl.sum(p, axis=0)
+            m = m_new
+        out = acc / den
+        tl.store(o_ptr + b * stride_ob + hh * stride_oh + d, out.to(o_ptr.dtype.element_ty),
+                 mask=dm)
+
+
+@torch.library.custom_op("dvae::decode_attention", mutates_args=("kv_cache",))
+def _decode_attention_op(q: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
+                         t: torch.Tensor) -> torch.Tensor:
+    """q [B, h, dh]; kv_new [B, 2, h, dh]; kv_cache [2, B, h, L, dh] (dh contiguous);
+    t: 0-d integer tensor on the device, the slot to write and the last slot to read."""
+    B, H, DH = q.shape
+    out = torch.empty((B, H, DH), dtype=q.dtype, device=q.device)
+    if B * H == 0:
+        return out
+    _decode_attention_kernel[(B * H,)](
+        q, kv_new, kv_cache, t, out, H, DH,
+        q.stride(0), q.stride(1), kv_new.stride(0), kv_new.stride(1), kv_new.stride(2),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        out.stride(0), out.stride(1), DH ** -0.5,
+        BLOCK_S=64, BLOCK_DH=triton.next_power_of_2(DH), num_warps=4)
+    return out
+
+
+@_decode_attention_op.register_fake
+def _(q, kv_new, kv_cache, t):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def decode_attention(q: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor, t: int,
+                     t_device: torch.Tensor | None = None) -> torch.Tensor:
+    """One causal decode step over a KV cache (see the module docstring).
+
+    Args:
+        q: ``[B, h, dh]`` the position's queries.
+        kv_new: ``[B, 2, h, dh]`` its key and value (a view of the qkv projection is fine).
+        kv_cache: ``[2, B, h, L, dh]``, written in place at slot ``t``.
+        t: the position (the PyTorch path slices with it).
+        t_device: ``t`` as a 0-d integer tensor on ``q``'s device (the Triton kernel reads
+            it there); None: made from ``t`` (one small copy).
+
+    Returns:
+        ``[B, h, dh]`` in ``q``'s dtype.
+    """
+    _, B, H, L, DH = kv_cache.shape
+    if q.shape != (B, H, DH) or kv_new.shape != (B, 2, H, DH):
+        raise ValueError(f"expected q [{B}, {H}, {DH}] and kv_new [{B}, 2, {H}, {DH}] for a "
+                         f"cache of {tuple(kv_cache.shape)}, got q {tuple(q.shape)} and kv_new "
+                         f"{tuple(kv_new.shape)}")
+    if not 0 <= t < L:
+        raise ValueError(f"t must be in [0, {L}), got {t}")
+    if not _use_triton(q) or kv_cache.stride(-1) != 1:
+        kv_cache[:, :, :, t] = kv_new.transpose(0, 1)
+        y = F.scaled_dot_product_attention(q[:, :, None], kv_cache[0, :, :, :t + 1],
+                                           kv_cache[1, :, :, :t + 1])
+        return y[:, :, 0]
+    if t_device is None:
+        t_device = torch.tensor(t, dtype=torch.int32, device=q.device)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if kv_new.stride(-1) != 1:
+        kv_new = kv_new.contiguous()
+    return _decode_attention_op(q, kv_new, kv_cache, t_device)
 
 
 @torch.library.custom_op("dvae::add_layer_norm", mutates_args=())
