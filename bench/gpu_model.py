@@ -25,7 +25,8 @@ Assumptions (each a choice a measurement can overturn; bench/README.md lists the
   linear, matmul, convolution and attention to bf16 and keep LayerNorm and softmax in fp32), and
   ``dvae_kernels`` dispatched to its Triton backend (the backend CUDA picks first), and the
   grouped adaptive clipping (:class:`dvae.optim.AdaptiveClip` groups on CUDA only), and
-  dvae's own Triton kernels (``dvae::add_layer_norm``, ``dvae::decode_attention``). Each
+  dvae's own Triton kernels (``dvae::add_layer_norm``, ``dvae::linear_add_layer_norm``,
+  ``dvae::decode_attention``). Each
   ``dvae_kernels``/``dvae`` op is one opaque op in the trace and is counted as the Triton
   launches its implementation makes (:data:`CUSTOM_LAUNCHES`). The captured sampler
   (``sampler_graph``) is traced as its eager loop; its graph adds one copy of the images in and
@@ -193,6 +194,8 @@ CUSTOM_LAUNCHES = {
     "solve_eta": _c_simple(2),  # full(eta_max) + the kernel
     "decode_attention": _c_simple(1),  # dvae::decode_attention (dvae/models/fused.py)
     "add_layer_norm": _c_simple(1),  # dvae::add_layer_norm (dvae/models/fused.py)
+    "linear_add_layer_norm": lambda args, out: (  # dvae::linear_add_layer_norm, likewise
+        1, 2 * args[0].shape[0] * args[0].shape[1] * args[1].shape[0], _half(args[0])),
 }
 
 SDPA_FWD = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",

@@ -172,3 +172,66 @@ def test_decode_kernel_compiles_for_the_gpu():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not fused.HAS_TRITON or not fused.INTERPRET,
+                    reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("K,D,bias", [(32, 32, False), (40, 24, True)])
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, torch.float32),
+                                             (torch.bfloat16, torch.bfloat16)])
+def test_linear_add_layer_norm_matches_float64(K, D, bias, dtype, out_dtype):
+    ln = _ln(D, seed=2)
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(K, D, bias=bias)
+    a = torch.randn(19, 1, K).to(dtype)  # 19 rows: two row blocks, the second partial
+    x = torch.randn(19, 1, D) * 2
+    cast = (lin.weight.detach().to(dtype),
+            lin.bias.detach().to(dtype) if bias else None)
+    o64 = F.linear(a.double(), cast[0].double(), cast[1].double() if bias else None)
+    ref_s, ref_y = _reference(x, o64, ln)
+    # the torch path: the unfused lines (the projection rounded to dtype before the add)
+    o = F.linear(a, *cast)
+    torch_s, torch_y = fused.add_layer_norm(x, o, ln, out_dtype)
+    with fused.force_triton():
+        s, y = fused.linear_add_layer_norm(a, lin, x, ln, out_dtype, cast)
+    assert s.dtype == torch.float32 and y.dtype == out_dtype and y.shape == x.shape
+    for name, got, want, ref in (("s", s, torch_s, ref_s), ("y", y, torch_y, ref_y)):
+        err = (got.double() - ref).abs().max().item()
+        torch_err = (want.double() - ref).abs().max().item()
+        floor = FLOOR[dtype] * max(1.0, ref.abs().max().item())
+        assert err <= 2 * torch_err + floor, (name, err, torch_err)
+
+
+def test_linear_add_layer_norm_torch_path_and_bad_arguments():
+    ln = _ln(8)
+    lin = torch.nn.Linear(6, 8)
+    a, x = torch.randn(3, 1, 6), torch.randn(3, 1, 8)
+    s, y = fused.linear_add_layer_norm(a, lin, x, ln)
+    assert torch.equal(s, x + lin(a)) and torch.equal(y, ln(x + lin(a)))
+    with pytest.raises(ValueError, match=r"linear must map a's last dim \(6\) to x's \(4\)"):
+        fused.linear_add_layer_norm(a, lin, torch.zeros(3, 1, 4), _ln(4))
+
+
+def test_linear_add_layer_norm_kernel_compiles_for_the_gpu():
+    code = (
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.compiler import ASTSource, compile\n"
+        "from dvae.models.fused import _linear_add_layer_norm_kernel as k\n"
+        "ints = ['R', 'K', 'D', 'stride_a', 'stride_w', 'stride_x', 'stride_s', 'stride_y']\n"
+        "cx = ['HAS_BIAS', 'DOT_FP32', 'PRECISION', 'BLOCK_M', 'BLOCK_K', 'BLOCK_D']\n"
+        "for arch in (80, 90):\n"
+        "    for dt, prec, f32 in (('bf16', 'tf32', False), ('fp32', 'ieee', True)):\n"
+        "        sig = {'a_ptr': '*' + dt, 'w_ptr': '*' + dt, 'bias_ptr': '*' + dt,\n"
+        "               'x_ptr': '*fp32', 'lw_ptr': '*fp32', 'lb_ptr': '*fp32',\n"
+        "               's_ptr': '*fp32', 'y_ptr': '*' + dt, **dict.fromkeys(ints, 'i32'),\n"
+        "               'eps': 'fp32', **dict.fromkeys(cx, 'constexpr')}\n"
+        "        c = {'HAS_BIAS': True, 'DOT_FP32': f32, 'PRECISION': prec, 'BLOCK_M': 16,\n"
+        "             'BLOCK_K': 32, 'BLOCK_D': 128}\n"
+        "        compile(ASTSource(fn=k, signature=sig, constexprs=c),\n"
+        "                target=GPUTarget('cuda', arch, 32))\n"
+        "print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import add_layer_norm, compute_dtype, decode_attention
+from . import fused
+from .fused import add_layer_norm, compute_dtype, decode_attention, linear_add_layer_norm
 from .patches import Patcher
 
 
@@ -80,7 +81,7 @@ class SelfAttention(nn.Module):
         return self.out(_merge(y))
 
     def step(self, x: torch.Tensor, kv_cache: torch.Tensor, t: int,
-             t_device: torch.Tensor | None = None) -> torch.Tensor:
+             t_device: torch.Tensor | None = None, project: bool = True) -> torch.Tensor:
         """One position: x [B, 1, d]; kv_cache [2, B, h, L, dh] gets slot t (k and v in one
         write); attention reads only the t + 1 written slots (no mask, nothing else read):
         :func:`dvae.models.fused.decode_attention`, one Triton kernel on CUDA that reads the
@@ -90,7 +91,8 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x)
         y = decode_attention(qkv[..., :d].view(B, h, d // h),
                              qkv[..., d:].view(B, 2, h, d // h), kv_cache, t, t_device)
-        return self.out(y.reshape(B, 1, d))
+        y = y.reshape(B, 1, d)
+        return self.out(y) if project else y
 
 
 class CrossAttention(nn.Module):
@@ -107,8 +109,11 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """x [N, S, d] (S = the folded queries of one image), k/v [N, h, P, dh]."""
-        y = F.scaled_dot_product_attention(_heads(self.q(x), self.heads), k, v)
-        return self.out(_merge(y))
+        return self.out(self.attend(x, k, v))
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention before the output projection, heads merged: [N, S, d]."""
+        return _merge(F.scaled_dot_product_attention(_heads(self.q(x), self.heads), k, v))
 
 
 class EncoderBlock(nn.Module):
@@ -146,18 +151,23 @@ class DecoderBlock(nn.Module):
 
     def step(self, x: torch.Tensor, xn: torch.Tensor, mem_k: torch.Tensor,
              mem_v: torch.Tensor, kv_cache: torch.Tensor, t: int, next_ln: nn.LayerNorm,
-             out_dtype: torch.dtype | None, t_device: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             out_dtype: torch.dtype | None, t_device: torch.Tensor | None = None,
+             casts: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One position. ``x`` [B, 1, d] is the residual stream and ``xn = ln1(x)``; returns
         the block's output and ``next_ln`` of it (the next block's ln1, or the final norm).
-        Each residual add is fused with the LayerNorm after it (:func:`add_layer_norm`)."""
+        Each output projection, the residual add and the LayerNorm after them run as one
+        kernel on CUDA (:func:`linear_add_layer_norm`); ``casts`` are this block's projection
+        weights already in the compute dtype (three ``(weight, bias)`` pairs) or None."""
         NK, _, d = x.shape
         N = mem_k.shape[0]
-        x, xn = add_layer_norm(x, self.self_attn.step(xn, kv_cache, t, t_device), self.ln2,
-                               out_dtype)
-        y = self.cross_attn(xn.view(N, NK // N, d), mem_k, mem_v)
-        x, xn = add_layer_norm(x, y.view(NK, 1, d), self.ln3, out_dtype)
-        return add_layer_norm(x, self.mlp(xn), next_ln, out_dtype)
+        c = casts or (None, None, None)
+        y = self.self_attn.step(xn, kv_cache, t, t_device, project=False)
+        x, xn = linear_add_layer_norm(y, self.self_attn.out, x, self.ln2, out_dtype, c[0])
+        y = self.cross_attn.attend(xn.view(N, NK // N, d), mem_k, mem_v)
+        x, xn = linear_add_layer_norm(y.view(NK, 1, d), self.cross_attn.out, x, self.ln3,
+                                      out_dtype, c[1])
+        hidden = F.relu(self.mlp.fc1(xn))
+        return linear_add_layer_norm(hidden, self.mlp.fc2, x, next_ln, out_dtype, c[2])
 
 
 class ARTransformerEncoder(nn.Module):
@@ -275,11 +285,12 @@ class ARTransformerEncoder(nn.Module):
         out_dtype = compute_dtype(memory)  # LayerNorm outputs in the matmuls' dtype
         # the positions on the device, made once: decode attention reads its t from here
         positions = torch.arange(L, dtype=torch.int32, device=memory.device)
+        casts = [self._projection_casts(b, out_dtype, memory) for b in blocks]
         for t in range(L):
             x, xn = add_layer_norm(self.tok_embed(prev)[:, None, :], self.tok_pos[t],
                                    blocks[0].ln1 if blocks else self.dec_ln, out_dtype)
-            for block, (mk, mv), kv, norm in zip(blocks, mem_kv, caches, norms):
-                x, xn = block.step(x, xn, mk, mv, kv, t, norm, out_dtype, positions[t])
+            for block, (mk, mv), kv, norm, cast in zip(blocks, mem_kv, caches, norms, casts):
+                x, xn = block.step(x, xn, mk, mv, kv, t, norm, out_dtype, positions[t], cast)
             prev, lp = sampler(xn[:, 0], generator)
             drawn.append(prev)
             logps.append(lp)
@@ -287,6 +298,19 @@ class ARTransformerEncoder(nn.Module):
         tokens = torch.stack(drawn, dim=1)
         logp = torch.stack(logps, dim=1).float()
         return tokens.view(N, K, L), logp.view(N, K, L)
+
+    @staticmethod
+    def _projection_casts(block: DecoderBlock, dtype: torch.dtype | None,
+                          like: torch.Tensor) -> tuple | None:
+        """The block's three projections feeding :func:`linear_add_layer_norm`, cast to the
+        compute dtype once per sampling call (None when nothing needs casting or the fused
+        kernel is not used)."""
+        if dtype is None or not fused._use_triton(like):
+            return None
+        lins = (block.self_attn.out, block.cross_attn.out, block.mlp.fc2)
+        return tuple((lin.weight.detach().to(dtype),
+                      lin.bias.detach().to(dtype) if lin.bias is not None else None)
+                     for lin in lins)
 
     def _default_sampler(self, temperature: float):
         def sample(hidden: torch.Tensor, generator: torch.Generator | None):

@@ -14,6 +14,14 @@ device memory (so nothing about the position lives on the host: graph-safe), one
     out = F.scaled_dot_product_attention(q[:, :, None], kv_cache[0, :, :, :t + 1],
                                          kv_cache[1, :, :, :t + 1])[:, :, 0]
 
+``linear_add_layer_norm``: an output projection (or the MLP's second layer), the residual add
+and the LayerNorm after it, one kernel::
+
+    s = x + F.linear(a, weight, bias)
+    y = F.layer_norm(s, (D,), ln.weight, ln.bias, ln.eps).to(out_dtype)
+
+(the projection stays in float32 until the add: no rounding to bf16 in between).
+
 The CPU (and any device without Triton) runs exactly those PyTorch lines, so the CPU path's
 numbers do not change. Triton is used for CUDA tensors, or for CPU tensors through the
 interpreter when :data:`FORCE_TRITON` is set (the tests).
@@ -24,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +131,121 @@ if HAS_TRITON:
         out = acc / den
         tl.store(o_ptr + b * stride_ob + hh * stride_oh + d, out.to(o_ptr.dtype.element_ty),
                  mask=dm)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _linear_add_layer_norm_kernel(a_ptr, w_ptr, bias_ptr, x_ptr, lw_ptr, lb_ptr, s_ptr,
+                                      y_ptr, R, K, D, stride_a, stride_w, stride_x, stride_s,
+                                      stride_y, eps, HAS_BIAS: tl.constexpr,
+                                      DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                                      BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = rows < R
+        cols = tl.arange(0, BLOCK_D)
+        cm = cols < D
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            km = ks < K
+            a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :],
+                        mask=rm[:, None] & km[None, :], other=0.0)
+            w = tl.load(w_ptr + cols[None, :] * stride_w + ks[:, None],
+                        mask=km[:, None] & cm[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            acc += tl.dot(a, w, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+        tile = rm[:, None] & cm[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=tile, other=0.0)
+        s = x.to(tl.float32) + acc
+        tl.store(s_ptr + rows[:, None] * stride_s + cols[None, :],
+                 s.to(s_ptr.dtype.element_ty), mask=tile)
+        mean = tl.sum(s, axis=1) / D
+        diff = tl.where(cm[None, :], s - mean[:, None], 0.0)
+        var = tl.sum(diff * diff, axis=1) / D
+        rstd = 1.0 / tl.sqrt(var + eps)
+        lw = tl.load(lw_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+        lb = tl.load(lb_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+        y = diff * rstd[:, None] * lw[None, :] + lb[None, :]
+        tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :],
+                 y.to(y_ptr.dtype.element_ty), mask=tile)
+
+
+@torch.library.custom_op("dvae::linear_add_layer_norm", mutates_args=())
+def _linear_add_layer_norm_op(a: torch.Tensor, weight: torch.Tensor,
+                              bias: Optional[torch.Tensor], x: torch.Tensor,
+                              ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+                              out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """a [R, K], weight [D, K] (a's dtype), bias [D] or None, x [R, D]; ln_* [D]."""
+    R, K = a.shape
+    D = weight.shape[0]
+    s = torch.empty((R, D), dtype=x.dtype, device=x.device)
+    y = torch.empty((R, D), dtype=out_dtype, device=x.device)
+    if R == 0:
+        return s, y
+    dot_fp32 = INTERPRET or a.dtype == torch.float32
+    block_m = 16
+    _linear_add_layer_norm_kernel[(triton.cdiv(R, block_m),)](
+        a, weight, bias if bias is not None else weight, x, ln_weight, ln_bias, s, y,
+        R, K, D, a.stride(0), weight.stride(0), x.stride(0), s.stride(0), y.stride(0), eps,
+        HAS_BIAS=bias is not None, DOT_FP32=dot_fp32,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_K=32, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        num_warps=4)
+    return s, y
+
+
+@_linear_add_layer_norm_op.register_fake
+def _(a, weight, bias, x, ln_weight, ln_bias, eps, out_dtype):
+    R, D = a.shape[0], weight.shape[0]
+    return x.new_empty((R, D)), x.new_empty((R, D), dtype=out_dtype)
+
+
+def linear_add_layer_norm(a: torch.Tensor, linear: nn.Linear, x: torch.Tensor,
+                          ln: nn.LayerNorm, out_dtype: torch.dtype | None = None,
+                          cast: tuple[torch.Tensor, torch.Tensor | None] | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, y)`` with ``s = x + linear(a)`` and ``y = ln(s)`` in ``out_dtype``, one kernel on
+    CUDA (see the module docstring).
+
+    Args:
+        a: ``[..., K]`` the projection's input.
+        linear: ``nn.Linear(K, D)``.
+        x: ``[..., D]`` the residual stream (float32).
+        ln: a LayerNorm over D features.
+        out_dtype: the dtype of ``y`` (None: LayerNorm's own).
+        cast: ``(weight, bias)`` of ``linear`` already in ``a``'s dtype (cast once per
+            sampling call, not at every position); None: cast here when needed.
+
+    Returns:
+        ``s`` and ``y``, ``x``'s shape.
+    """
+    D = x.shape[-1]
+    if linear.out_features != D or a.shape[-1] != linear.in_features:
+        raise ValueError(f"linear must map a's last dim ({a.shape[-1]}) to x's ({D}), got "
+                         f"{linear}")
+    if not _use_triton(x) or D > 256:
+        return add_layer_norm(x, linear(a), ln, out_dtype)
+    weight, bias = cast if cast is not None else (linear.weight, linear.bias)
+    if weight.dtype != a.dtype:
+        weight = weight.to(a.dtype)
+    if bias is not None and bias.dtype != a.dtype:
+        bias = bias.to(a.dtype)
+    a2 = a.reshape(-1, a.shape[-1])
+    x2 = x.reshape(-1, D)
+    a2 = a2 if a2.stride(-1) == 1 else a2.contiguous()
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    weight = weight.detach()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    s, y = _linear_add_layer_norm_op(
+        a2, weight, bias.detach() if bias is not None else None, x2, ln.weight.detach(),
+        ln.bias.detach(), float(ln.eps), out_dtype or x.dtype)
+    return s.view(x.shape), y.view(x.shape)
 
 
 @torch.library.custom_op("dvae::decode_attention", mutates_args=("kv_cache",))
