@@ -274,7 +274,10 @@ def op_cost(func, args, kwargs, out, position: int | None) -> OpCost:
         flops = flop_counter.flop_registry[packet](*args, out_val=out, **kwargs)
         return OpCost(launches, flops, nbytes, _half(args[0]))
     flops = 0
-    if packet in flop_counter.flop_registry:
+    if name == "_addmm_activation":  # addmm with a cuBLASLt ReLU/GELU epilogue
+        m, k = args[1].shape
+        flops = 2 * m * k * args[2].shape[1]
+    elif packet in flop_counter.flop_registry:
         flops = flop_counter.flop_registry[packet](*args, out_val=out, **kwargs)
     half = _half(ins[0]) if ins else True
     return OpCost(1, flops, nbytes, half)
@@ -282,7 +285,8 @@ def op_cost(func, args, kwargs, out, position: int | None) -> OpCost:
 
 class Recorder(TorchDispatchMode):
     """Records the cost of every op dispatched under it, per phase; also counts the sampled
-    positions (one token embedding each) so that per-position figures can be read."""
+    positions (one ``linear_sample_tokens`` each: the trace forces the fused sampler) so that
+    per-position figures can be read."""
 
     def __init__(self):
         super().__init__()
@@ -290,8 +294,8 @@ class Recorder(TorchDispatchMode):
         self.costs: dict[str, list[OpCost]] = defaultdict(list)
         self.op_names: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.positions = 0
-        self.loop_launches = 0  # sample-phase launches from the first position on
-        self.marks: list[int] = []  # loop_launches when each position began
+        self.loop_launches = 0  # sample-phase launches
+        self.marks: list[int] = []  # loop_launches when each position ended
         self.host_reads = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -300,25 +304,25 @@ class Recorder(TorchDispatchMode):
         name = func._overloadpacket.__name__
         if name == "_local_scalar_dense":
             self.host_reads += 1
-        if self.phase == "sample" and name == "embedding":
-            self.positions += 1
-            self.marks.append(self.loop_launches)
-        position = self.positions - 1 if self.phase == "sample" and self.positions else None
+        # the position being sampled: how many tokens were drawn before this op
+        position = self.positions if self.phase == "sample" else None
         cost = op_cost(func, args, kwargs, out, position)
         self.costs[self.phase].append(cost)
         if cost.launches:
             self.op_names[self.phase][f"{func.namespace}::{name}"] += cost.launches
-        if self.phase == "sample" and self.positions:
+        if self.phase == "sample":
             self.loop_launches += cost.launches
+            if name == "linear_sample_tokens":  # the last op of each position
+                self.positions += 1
+                self.marks.append(self.loop_launches)
         return out
 
     def launches_per_position(self) -> float:
-        """Steady-state sampler launches per position: from the start of the second position
-        to the start of the last, over the positions in between (the first position also pays
-        autocast's one-time casts of the weights, which later positions reuse)."""
-        if self.positions >= 3:
-            return (self.marks[-1] - self.marks[1]) / (self.positions - 2)
-        if self.positions == 2:
+        """Steady-state sampler launches per position: between the ends of the first and the
+        last positions (each ends with its ``linear_sample_tokens``), over the positions in
+        between; the first position also pays the encoder, the cache allocation and autocast's
+        one-time casts of the weights, which later positions reuse."""
+        if self.positions >= 2:
             return (self.marks[-1] - self.marks[0]) / (self.positions - 1)
         return float(self.loop_launches)
 

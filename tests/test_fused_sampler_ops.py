@@ -65,6 +65,25 @@ def test_torch_path_is_the_unfused_lines():
     assert torch.equal(yb, ln(x + r).to(torch.bfloat16))
 
 
+@pytest.mark.skipif(not fused.HAS_TRITON or not fused.INTERPRET,
+                    reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
+def test_embed_add_layer_norm_reads_the_table_rows():
+    ln = _ln(16, seed=4)
+    table = torch.randn(9, 16)
+    index = torch.tensor([3, 0, 8, 3])
+    pos = torch.randn(16)
+    want_s, want_y = fused.add_layer_norm(F.embedding(index, table), pos, ln, torch.bfloat16)
+    ref_s, ref_y = _reference(F.embedding(index, table), pos, ln)
+    with fused.force_triton():
+        s, y = fused.embed_add_layer_norm(index, table, pos, ln, torch.bfloat16)
+    assert torch.equal(s, want_s)
+    err = (y.double() - ref_y).abs().max().item()
+    torch_err = (want_y.double() - ref_y).abs().max().item()
+    assert err <= 2 * torch_err + FLOOR[torch.bfloat16] * max(1.0, ref_y.abs().max().item())
+    with pytest.raises(ValueError, match="index must be"):
+        fused.embed_add_layer_norm(index[None], table, pos, ln)
+
+
 def test_bad_arguments():
     ln = _ln(8)
     with pytest.raises(ValueError, match=r"r must have x's shape \(2, 8\) or \(8,\), got \(3,\)"):
@@ -81,12 +100,15 @@ def test_kernel_compiles_for_the_gpu():
         "from dvae.models.fused import _add_layer_norm_kernel as k\n"
         "for arch in (80, 90):\n"
         "    for xd, yd in (('fp32', 'bf16'), ('fp32', 'fp32')):\n"
-        "        sig = {'x_ptr': '*' + xd, 'r_ptr': '*bf16', 'w_ptr': '*fp32', 'b_ptr': '*fp32',\n"
-        "               's_ptr': '*fp32', 'y_ptr': '*' + yd, 'D': 'i32', 'stride_x': 'i32',\n"
-        "               'stride_r': 'i32', 'stride_s': 'i32', 'stride_y': 'i32', 'eps': 'fp32',\n"
-        "               'BLOCK_D': 'constexpr'}\n"
-        "        compile(ASTSource(fn=k, signature=sig, constexprs={'BLOCK_D': 128}),\n"
-        "                target=GPUTarget('cuda', arch, 32))\n"
+        "        for idx in (True, False):\n"
+        "            sig = {'x_ptr': '*' + xd, 'idx_ptr': '*i64', 'r_ptr': '*bf16',\n"
+        "                   'w_ptr': '*fp32', 'b_ptr': '*fp32', 's_ptr': '*fp32',\n"
+        "                   'y_ptr': '*' + yd, 'D': 'i32', 'stride_x': 'i32',\n"
+        "                   'stride_r': 'i32', 'stride_s': 'i32', 'stride_y': 'i32',\n"
+        "                   'eps': 'fp32', 'HAS_INDEX': 'constexpr', 'BLOCK_D': 'constexpr'}\n"
+        "            c = {'HAS_INDEX': idx, 'BLOCK_D': 128}\n"
+        "            compile(ASTSource(fn=k, signature=sig, constexprs=c),\n"
+        "                    target=GPUTarget('cuda', arch, 32))\n"
         "print('ok')\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)

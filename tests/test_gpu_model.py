@@ -33,6 +33,8 @@ def test_cli_small_presets(preset, tmp_path, capsys):
     L = {"digits": 4, "mnist": 8}[preset]
     assert doc["sampled_positions"] == L
     assert 5 < doc["sampler_launches_per_position"] < doc["phases"]["sample"]["launches"] / L
+    top = doc["phases"]["sample"]["top_ops"]
+    assert top["dvae_kernels::linear_sample_tokens"] == 2 * L  # two launches per position
     steps = doc["config"]["steps"]
     assert doc["gpu_hours"] == pytest.approx(doc["total_ms_eager"] * steps / 3.6e6)
     text = capsys.readouterr().out

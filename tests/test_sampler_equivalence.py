@@ -124,3 +124,22 @@ def test_sampler_with_the_cuda_kernels_draws_what_the_original_loop_draws(which)
                                   sampler=None if which == "default" else _fused_sampler(enc))
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logp, ref_logp, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
+def test_cuda_path_sampler_under_bf16_autocast_matches_teacher_forced():
+    """The CUDA path's sampler in bf16 (the fused kernels through the interpreter, weights cast
+    once per call, fc1 + ReLU through _addmm_activation): valid tokens whose log-probs equal
+    the teacher-forced pass's to bf16 rounding."""
+    from dvae.models import fused
+
+    enc = _encoder(L=4, layers=2)
+    mem = enc.encode(torch.randn(2, 1, 8, 8))
+    with fused.force_triton(), torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens, logp = enc.sample(mem, 3, generator=torch.Generator().manual_seed(2),
+                                  sampler=_fused_sampler(enc))
+    assert tokens.shape == (2, 3, 4) and bool(((tokens >= 0) & (tokens < 13)).all())
+    tf = dvae_kernels.token_logprobs(enc.head(enc.teacher_forced(mem, tokens)), tokens,
+                                     backend="torch")
+    torch.testing.assert_close(logp, tf, atol=0.15, rtol=0.05)

@@ -28,7 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused
-from .fused import add_layer_norm, compute_dtype, decode_attention, linear_add_layer_norm
+from .fused import (
+    compute_dtype,
+    decode_attention,
+    embed_add_layer_norm,
+    linear_add_layer_norm,
+)
 from .patches import Patcher
 
 
@@ -157,16 +162,21 @@ class DecoderBlock(nn.Module):
         the block's output and ``next_ln`` of it (the next block's ln1, or the final norm).
         Each output projection, the residual add and the LayerNorm after them run as one
         kernel on CUDA (:func:`linear_add_layer_norm`); ``casts`` are this block's projection
-        weights already in the compute dtype (three ``(weight, bias)`` pairs) or None."""
+        weights already in the compute dtype (``(weight, bias)`` of the two attention outputs,
+        fc2 and fc1) or None (then fc1 and its ReLU are two kernels)."""
         NK, _, d = x.shape
         N = mem_k.shape[0]
-        c = casts or (None, None, None)
+        c = casts or (None, None, None, None)
         y = self.self_attn.step(xn, kv_cache, t, t_device, project=False)
         x, xn = linear_add_layer_norm(y, self.self_attn.out, x, self.ln2, out_dtype, c[0])
         y = self.cross_attn.attend(xn.view(N, NK // N, d), mem_k, mem_v)
         x, xn = linear_add_layer_norm(y.view(NK, 1, d), self.cross_attn.out, x, self.ln3,
                                       out_dtype, c[1])
-        hidden = F.relu(self.mlp.fc1(xn))
+        if c[3] is not None:  # fc1 + bias + ReLU in one cuBLASLt call (its epilogue)
+            w1, b1 = c[3]
+            hidden = torch._addmm_activation(b1, xn.view(NK, d), w1.t()).view(NK, 1, -1)
+        else:
+            hidden = F.relu(self.mlp.fc1(xn))
         return linear_add_layer_norm(hidden, self.mlp.fc2, x, next_ln, out_dtype, c[2])
 
 
@@ -287,8 +297,9 @@ class ARTransformerEncoder(nn.Module):
         positions = torch.arange(L, dtype=torch.int32, device=memory.device)
         casts = [self._projection_casts(b, out_dtype, memory) for b in blocks]
         for t in range(L):
-            x, xn = add_layer_norm(self.tok_embed(prev)[:, None, :], self.tok_pos[t],
-                                   blocks[0].ln1 if blocks else self.dec_ln, out_dtype)
+            x, xn = embed_add_layer_norm(prev, self.tok_embed.weight, self.tok_pos[t],
+                                         blocks[0].ln1 if blocks else self.dec_ln, out_dtype)
+            x, xn = x[:, None, :], xn[:, None, :]
             for block, (mk, mv), kv, norm, cast in zip(blocks, mem_kv, caches, norms, casts):
                 x, xn = block.step(x, xn, mk, mv, kv, t, norm, out_dtype, positions[t], cast)
             prev, lp = sampler(xn[:, 0], generator)
@@ -302,12 +313,13 @@ class ARTransformerEncoder(nn.Module):
     @staticmethod
     def _projection_casts(block: DecoderBlock, dtype: torch.dtype | None,
                           like: torch.Tensor) -> tuple | None:
-        """The block's three projections feeding :func:`linear_add_layer_norm`, cast to the
+        """The block's four projections of the fused path (three into
+        :func:`linear_add_layer_norm`, fc1 into its ReLU epilogue), cast to the
         compute dtype once per sampling call (None when nothing needs casting or the fused
         kernel is not used)."""
         if dtype is None or not fused._use_triton(like):
             return None
-        lins = (block.self_attn.out, block.cross_attn.out, block.mlp.fc2)
+        lins = (block.self_attn.out, block.cross_attn.out, block.mlp.fc2, block.mlp.fc1)
         return tuple((lin.weight.detach().to(dtype),
                       lin.bias.detach().to(dtype) if lin.bias is not None else None)
                      for lin in lins)

@@ -65,13 +65,17 @@ def force_triton(on: bool = True) -> Iterator[None]:
 if HAS_TRITON:
 
     @triton.jit
-    def _add_layer_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, s_ptr, y_ptr, D,
+    def _add_layer_norm_kernel(x_ptr, idx_ptr, r_ptr, w_ptr, b_ptr, s_ptr, y_ptr, D,
                                stride_x, stride_r, stride_s, stride_y, eps,
-                               BLOCK_D: tl.constexpr):
+                               HAS_INDEX: tl.constexpr, BLOCK_D: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         ok = cols < D
-        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        if HAS_INDEX:  # x is a table and this row's x is row idx[row] of it
+            x_row = tl.load(idx_ptr + row).to(tl.int64)
+        else:
+            x_row = row.to(tl.int64)
+        x = tl.load(x_ptr + x_row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
         r = tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
         s = x + r
         tl.store(s_ptr + row * stride_s + cols, s.to(s_ptr.dtype.element_ty), mask=ok)
@@ -309,24 +313,27 @@ def decode_attention(q: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tens
 
 @torch.library.custom_op("dvae::add_layer_norm", mutates_args=())
 def _add_layer_norm_op(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor,
-                       bias: torch.Tensor, eps: float, out_dtype: torch.dtype
+                       bias: torch.Tensor, eps: float, out_dtype: torch.dtype,
+                       index: Optional[torch.Tensor] = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, D]; r [R, D] or [D] (broadcast over rows); weight, bias [D]."""
-    R, D = x.shape
+    """x [R, D] (or a table [T, D] read at rows ``index`` [R]); r [R, D] or [D] (broadcast
+    over rows); weight, bias [D]."""
+    R, D = (index.shape[0], x.shape[1]) if index is not None else x.shape
     s = torch.empty((R, D), dtype=torch.promote_types(x.dtype, r.dtype), device=x.device)
     y = torch.empty((R, D), dtype=out_dtype, device=x.device)
     if R == 0:
         return s, y
     stride_r = 0 if r.dim() == 1 else r.stride(0)
     _add_layer_norm_kernel[(R,)](
-        x, r, weight, bias, s, y, D, x.stride(0), stride_r, s.stride(0), y.stride(0), eps,
+        x, index if index is not None else x, r, weight, bias, s, y, D, x.stride(0), stride_r,
+        s.stride(0), y.stride(0), eps, HAS_INDEX=index is not None,
         BLOCK_D=triton.next_power_of_2(D), num_warps=1 if D <= 256 else 4)
     return s, y
 
 
 @_add_layer_norm_op.register_fake
-def _(x, r, weight, bias, eps, out_dtype):
-    R, D = x.shape
+def _(x, r, weight, bias, eps, out_dtype, index=None):
+    R, D = (index.shape[0], x.shape[1]) if index is not None else x.shape
     return (x.new_empty((R, D), dtype=torch.promote_types(x.dtype, r.dtype)),
             x.new_empty((R, D), dtype=out_dtype))
 
@@ -391,3 +398,35 @@ def add_layer_norm(x: torch.Tensor, r: torch.Tensor, ln: nn.LayerNorm,
     s, y = _add_layer_norm_op(x2, r2, ln.weight.detach(), ln.bias.detach(), float(ln.eps),
                               dtype)
     return s.view(x.shape), y.view(x.shape)
+
+
+def embed_add_layer_norm(index: torch.Tensor, table: torch.Tensor, r: torch.Tensor,
+                         ln: nn.LayerNorm, out_dtype: torch.dtype | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`add_layer_norm` of ``table[index]`` (an embedding lookup) and ``r``, the lookup
+    inside the same kernel on CUDA.
+
+    Args:
+        index: ``[R]`` integer rows of ``table``.
+        table: ``[T, D]``.
+        r: ``[D]`` (added to every row) or ``[R, D]``.
+
+    Returns:
+        ``s`` and ``y``, ``[R, D]``.
+
+    Equivalent PyTorch::
+
+        s, y = add_layer_norm(torch.nn.functional.embedding(index, table), r, ln, out_dtype)
+    """
+    if index.dim() != 1 or table.dim() != 2:
+        raise ValueError(f"index must be [R] and table [T, D], got {tuple(index.shape)} and "
+                         f"{tuple(table.shape)}")
+    if not _use_triton(table) or table.stride(-1) != 1:
+        return add_layer_norm(F.embedding(index, table), r, ln, out_dtype)
+    D = table.shape[1]
+    if tuple(r.shape) not in ((D,), (index.shape[0], D)):
+        raise ValueError(f"r must be [{D}] or [{index.shape[0]}, {D}], got {tuple(r.shape)}")
+    dtype = out_dtype or torch.promote_types(table.dtype, r.dtype)
+    r = r if r.stride(-1) == 1 else r.contiguous()
+    return _add_layer_norm_op(table.detach(), r, ln.weight.detach(), ln.bias.detach(),
+                              float(ln.eps), dtype, index)
