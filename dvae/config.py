@@ -184,6 +184,8 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
             value = float(value)
         except ValueError:
             pass
+    if isinstance(current, str) and isinstance(value, bool):
+        value = "on" if value else "off"  # YAML 1.1 reads on/off/yes/no in a file as booleans
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if current is not None and value is not None and not isinstance(value, type(current)):

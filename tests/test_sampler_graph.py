@@ -30,6 +30,15 @@ def test_config_validates_sampler_graph():
         load_config("digits", ["sampler_graph=yes"])
 
 
+def test_sampler_graph_words_survive_yaml(tmp_path):
+    """YAML 1.1 reads on/off as booleans; for this field they are the words."""
+    assert load_config("digits", ["sampler_graph=on"]).sampler_graph == "on"
+    assert load_config("digits", ["sampler_graph=off"]).sampler_graph == "off"
+    f = tmp_path / "run.yaml"
+    f.write_text("preset: digits\nsampler_graph: off\n")
+    assert load_config(str(f)).sampler_graph == "off"
+
+
 def test_on_needs_cuda_and_auto_is_eager_on_cpu():
     with pytest.raises(ValueError, match="sampler_graph='on' needs a CUDA device"):
         _step(sampler_graph="on")
