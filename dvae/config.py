@@ -70,6 +70,9 @@ class Config:
     # [N, K, L, V] logits): "auto" uses them on CUDA, where the Triton kernels make them fast;
     # on the CPU the logits path with the cpu kernels is faster at these vocabulary sizes.
     fused_linear: str = "auto"  # auto | always | never
+    # The sampling loop as one captured CUDA graph: "auto" captures on CUDA and falls back to
+    # eager (one warning) if capture fails; "on" requires it; "off" never captures.
+    sampler_graph: str = "auto"  # sampling loop as a CUDA graph: auto | on | off
     out_dir: str = "runs/digits"  # checkpoint, metrics.jsonl, tb/, reconstructions.png
     log_every: int = 50  # steps per metrics line (>= 1)
     eval_every: int = 500  # steps between test evaluations (0: only at the end)
@@ -108,6 +111,8 @@ class Config:
              f"eval_protocol must be 'paper' or 'center_crop', got {self.eval_protocol!r}")
         need(self.fused_linear in ("auto", "always", "never"),
              f"fused_linear must be auto, always or never, got {self.fused_linear!r}")
+        need(self.sampler_graph in ("auto", "on", "off"),
+             f"sampler_graph must be auto, on or off, got {self.sampler_graph!r}")
         need(self.eta_mode in ("learned", "solved"),
              f"eta_mode must be 'learned' or 'solved', got {self.eta_mode!r}")
         need(self.baseline in ("logsumexp", "mean"),
@@ -263,6 +268,8 @@ def _coerce(value: Any, name: str) -> Any:
             value = float(value)
         except ValueError:
             pass
+    if kind is str and isinstance(value, bool):
+        value = "on" if value else "off"  # YAML 1.1 reads on/off in a file as booleans
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
@@ -277,12 +284,17 @@ def _coerce(value: Any, name: str) -> Any:
 
 
 def _parse_value(raw: str, name: str) -> Any:
-    """Parse a command-line value with YAML rules (``1e-3``, ``true``, ``[64, 256]``, ``null``)."""
+    """Parse a command-line value with YAML rules (``1e-3``, ``true``, ``[64, 256]``, ``null``);
+    for a string field, ``on``/``off``/``yes``/``no`` stay words (YAML 1.1 reads them as
+    booleans: ``sampler_graph=on``)."""
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         raise ValueError(f"{name}={raw}: not a value (YAML syntax: 1e-3, true, [64, 256], "
                          "null)") from None
+    annotation = {f.name: f.type for f in dataclasses.fields(Config)}.get(name, "")
+    if annotation.startswith("str") and isinstance(value, bool):
+        value = raw
     return _coerce(value, name)
 
 

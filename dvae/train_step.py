@@ -13,6 +13,8 @@ The step never reads a device value back to the host; its metrics are tensors.
 from __future__ import annotations
 
 import contextlib
+import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -32,6 +34,78 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+class GraphedSampler:
+    """``fn(x) -> tokens`` (the whole sampling loop) captured as one CUDA graph per input shape.
+
+    Static buffers: the graph reads the images from a buffer that each call copies into, and
+    its tokens come out in a buffer it owns (a call returns a copy). The weights are read in
+    place, so optimizer updates between calls are seen.
+
+    The random stream: torch's CUDA generators are graph-safe. Inside a captured graph a
+    Philox draw reads its seed and offset from device memory, and every replay first advances
+    the generator's offset by the numbers the graph draws, so each replay draws fresh numbers
+    and the generator's state (what a checkpoint saves) after n replays is the state after n
+    eager calls' worth of draws: a run resumed from it redraws the same tokens. A non-default
+    generator is registered with the graph (``register_generator_state``). The warm-up call
+    before capture (cuBLAS and Triton initialisation) runs with the generator's state saved
+    and restored, so it draws nothing from the stream.
+
+    Args:
+        fn: the loop to capture; it must not synchronise with the host.
+        generator: the sampling stream (None: the device's default generator).
+        capture: the capture context (``torch.cuda.graph``); a parameter for the tests.
+        make_graph: the graph constructor (``torch.cuda.CUDAGraph``); likewise.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor],
+                 generator: torch.Generator | None = None, *, capture=None, make_graph=None):
+        self.fn = fn
+        self.generator = generator
+        self.capture = capture or torch.cuda.graph
+        self.make_graph = make_graph or torch.cuda.CUDAGraph
+        self.graphs: dict[tuple, tuple] = {}
+
+    def _warmup(self, x: torch.Tensor) -> None:
+        """One eager call that leaves the random stream where it was."""
+        state = self.generator.get_state() if self.generator is not None else None
+        default = None
+        if self.generator is None and x.device.type == "cuda":
+            default = torch.cuda.get_rng_state(x.device)
+        try:
+            if x.device.type == "cuda":
+                side = torch.cuda.Stream(x.device)
+                side.wait_stream(torch.cuda.current_stream(x.device))
+                with torch.cuda.stream(side):
+                    self.fn(x)
+                torch.cuda.current_stream(x.device).wait_stream(side)
+            else:
+                self.fn(x)
+        finally:
+            if state is not None:
+                self.generator.set_state(state)
+            if default is not None:
+                torch.cuda.set_rng_state(default, x.device)
+
+    def _build(self, x: torch.Tensor) -> tuple:
+        static_x = x.detach().clone()
+        self._warmup(static_x)
+        graph = self.make_graph()
+        if self.generator is not None and hasattr(graph, "register_generator_state"):
+            graph.register_generator_state(self.generator)
+        with self.capture(graph):
+            static_out = self.fn(static_x)
+        return graph, static_x, static_out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in self.graphs:
+            self.graphs[key] = self._build(x)
+        graph, static_x, static_out = self.graphs[key]
+        static_x.copy_(x)
+        graph.replay()
+        return static_out.clone()
 
 
 class DAPSTrainStep:
@@ -63,10 +137,18 @@ class DAPSTrainStep:
                               if cfg.eta_mode == "learned" else None)
         clip_dims = optim.unit_reduce_dims(self.raw)
         self.clip_dims = {p: clip_dims[p] for p in net_params}
+        # all gradients clipped in a fixed number of kernels (index maps built once)
+        self.clipper = optim.AdaptiveClip(self.clip_dims, cfg.clip) if cfg.clip > 0 else None
         self.skipped = torch.zeros((), dtype=torch.float32, device=device)
         self.use_amp = cfg.amp and device.type == "cuda"
         self.fused = (cfg.fused_linear == "always"
                       or (cfg.fused_linear == "auto" and device.type == "cuda"))
+        mode = getattr(cfg, "sampler_graph", "auto")
+        if mode == "on" and device.type != "cuda":
+            raise ValueError(f"sampler_graph='on' needs a CUDA device, the model is on {device}")
+        # captured only on CUDA; None: the eager loop
+        self.graphed: GraphedSampler | None = None
+        self.graph_mode = mode if device.type == "cuda" and torch.cuda.is_available() else "off"
 
     def autocast(self):
         if self.use_amp:
@@ -84,18 +166,50 @@ class DAPSTrainStep:
         return daps.beta_at(step, self.cfg.steps, self.cfg.beta_start, self.cfg.beta_end)
 
     def sampler(self):
-        """The per-position sampler the KV-cache loop calls; dvae_kernels' fused one when
-        present."""
+        """The per-position sampler the KV-cache loop calls: dvae_kernels' fused
+        ``linear_sample_tokens`` on the fused path, else the encoder's own."""
         if not self.fused:
             return None  # the encoder's own Gumbel-max sampler on the materialised logits
         head = self.raw.encoder.head
         backend = self.cfg.kernel_backend
+        # The head runs in float32 (autocast off), as in the reference, on the float32 output
+        # of the final LayerNorm: the proposal is the q in the weights. Its weights are
+        # float32 already, so nothing is cast per position.
+        weight, bias = head.weight.detach(), head.bias.detach()
 
         def sample(h, g):
             with self.fp32():
-                return dvae_kernels.linear_sample_tokens(h.float(), head.weight, head.bias,
-                                                         generator=g, backend=backend)
+                return dvae_kernels.linear_sample_tokens(h.float(), weight, bias, generator=g,
+                                                         backend=backend)
         return sample
+
+    def _sample_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The sampling loop: K token sequences per image, ``[N, K, L]``. Its autocast region
+        is entered here, inside what a graph captures, so autocast's cache of cast weights
+        lives and dies within one call (within one replay when captured)."""
+        with self.autocast():
+            tokens, _ = self.raw.sample(x, self.cfg.num_samples, generator=self.generator,
+                                        sampler=self.sampler())
+        return tokens
+
+    def sample(self, x: torch.Tensor) -> torch.Tensor:
+        """The step's samples: from the captured graph when ``sampler_graph`` allows it (on
+        CUDA), else from the eager loop. ``auto`` falls back to eager, with one warning, when
+        capture fails."""
+        if self.graph_mode == "off":
+            return self._sample_eager(x)
+        if self.graphed is None:
+            self.graphed = GraphedSampler(self._sample_eager, self.generator)
+        try:
+            return self.graphed(x)
+        except Exception as err:
+            if self.graph_mode == "on":
+                raise
+            warnings.warn(f"sampler_graph=auto: capturing the sampling loop failed "
+                          f"({type(err).__name__}: {err}); sampling eagerly", stacklevel=2)
+            self.graph_mode = "off"
+            self.graphed = None
+            return self._sample_eager(x)
 
     def _gather_rows(self, rewards: torch.Tensor, logq: torch.Tensor):
         """``(rewards, logq)`` of the global batch, rank-major (the order a single process
@@ -123,8 +237,8 @@ class DAPSTrainStep:
         beta = self.beta(step)
         backend = cfg.kernel_backend
         raw.train()
-        with ph("sample"), self.autocast():
-            tokens, _ = raw.sample(x, K, generator=self.generator, sampler=self.sampler())
+        with ph("sample"):
+            tokens = self.sample(x)
         # reward and teacher_forced are timed inside the model's forward (one DDP forward)
         with self.autocast():
             # a compiled forward gets no phases: NVTX calls inside it would break the graph
@@ -180,8 +294,8 @@ class DAPSTrainStep:
             found_inf = optim.nonfinite_flag(params, loss)
             if self.distributed:
                 torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
-            if cfg.clip > 0:
-                optim.adaptive_clip_(self.clip_dims, cfg.clip)
+            if self.clipper is not None:
+                self.clipper()
             optim.step_unless_nonfinite(self.optimizer, found_inf)
             if self.eta_optimizer is not None:
                 optim.step_unless_nonfinite(self.eta_optimizer, found_inf)

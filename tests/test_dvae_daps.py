@@ -160,3 +160,78 @@ def test_nonfinite_step_is_skipped_without_touching_state():
     for k, v in opt.state[p].items():
         assert torch.equal(v, state[k]), k
     assert optim.nonfinite_flag([], torch.tensor(float("inf"))).item() == 1.0
+
+
+@pytest.mark.parametrize("clip,eps", [(1.0, 1e-3), (0.05, 1e-3), (1e-4, 1e-3)])
+def test_grouped_adaptive_clip_matches_per_parameter(clip, eps):
+    """AdaptiveClip (one index_add over all parameters) = the per-parameter reference, on
+    every layer kind, with clipped and unclipped units, a missing gradient, and units whose
+    gradient norm is under the 1e-6 floor; float64 reference for the tolerance."""
+    from tests.utils import FLOOR
+
+    torch.manual_seed(0)
+    m = torch.nn.ModuleDict({"lin": torch.nn.Linear(7, 5), "emb": torch.nn.Embedding(6, 4),
+                             "conv": torch.nn.Conv2d(2, 3, 3),
+                             "up": torch.nn.ConvTranspose2d(3, 2, 2),
+                             "ln": torch.nn.LayerNorm(4), "unused": torch.nn.Linear(2, 2)})
+    for name, p in m.named_parameters():
+        if not name.startswith("unused"):
+            p.grad = torch.randn_like(p) * torch.logspace(-8, 1, p.numel()).view(p.shape)
+    with torch.no_grad():
+        m["lin"].weight[0].zero_()  # a unit at the eps floor
+    dims = optim.unit_reduce_dims(m)
+    grads = {p: p.grad.clone() for p in dims if p.grad is not None}
+    # float64 reference
+    ref = {}
+    for p, g in grads.items():
+        p64 = torch.nn.Parameter(p.detach().double())
+        p64.grad = g.double()
+        optim.adaptive_clip_reference_({p64: dims[p]}, clip, eps)
+        ref[p] = p64.grad
+    # float32 per-parameter reference (the old code path)
+    old = {}
+    for p, g in grads.items():
+        p32 = torch.nn.Parameter(p.detach().clone())
+        p32.grad = g.clone()
+        optim.adaptive_clip_reference_({p32: dims[p]}, clip, eps)
+        old[p] = p32.grad
+    clipper = optim.AdaptiveClip(dims, clip, eps, grouped=True)
+    clipper()
+    assert m["unused"].weight.grad is None
+    changed = 0
+    for p, g in grads.items():
+        changed += int(not torch.equal(old[p], g))
+        err = (p.grad.double() - ref[p]).abs().max().item()
+        old_err = (old[p].double() - ref[p]).abs().max().item()
+        scale = max(1.0, ref[p].abs().max().item())
+        assert err <= 2 * old_err + FLOOR[torch.float32] * scale, (err, old_err)
+    assert changed > 0  # some units were clipped
+
+
+def test_grouped_adaptive_clip_kernel_count():
+    """A fixed number of ops however many parameters (the reference: about 12 each)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._overloadpacket.__name__
+            if name not in ("view", "split", "detach", "_unsafe_view", "slice", "empty",
+                            "split_with_sizes", "_reshape_alias"):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for n_layers in (2, 20):
+        m = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(n_layers)])
+        for p in m.parameters():
+            p.grad = torch.randn_like(p)
+        clipper = optim.AdaptiveClip(optim.unit_reduce_dims(m), 1.0, grouped=True)
+        clipper()  # builds the index maps
+        with Count() as c:
+            clipper()
+        counts.append(c.n)
+    assert counts[0] == counts[1] <= 10, counts

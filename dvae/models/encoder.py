@@ -8,9 +8,10 @@ Token id 0 is an ordinary token: the start token has its own embedding row (inde
 
 Two ways through the causal stack, which must agree (tests/test_dvae_models.py):
 
-* :meth:`ARTransformerEncoder.sample` draws K sequences per image with a KV cache. Shapes are
-  static: the caches are allocated once, every step attends over all L cache slots with a
-  precomputed causal row mask, and nothing grows, so the loop can be captured as a CUDA graph.
+* :meth:`ARTransformerEncoder.sample` draws K sequences per image with a KV cache, allocated
+  once per call (k and v of a layer in one tensor, written in one copy); position t attends to
+  the t + 1 slots written so far and reads nothing else (no mask). Every position's shapes are
+  fixed by t alone, so the whole loop can be captured as one CUDA graph.
 * :meth:`ARTransformerEncoder.teacher_forced` runs all L positions at once (differentiable).
 
 The K samples of one image share its memory. Cross-attention is not causal, so the K·L queries
@@ -26,7 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import init
+from . import fused, init
+from .fused import (
+    compute_dtype,
+    decode_attention,
+    embed_add_layer_norm,
+    linear_add_layer_norm,
+)
 from .patches import Patcher
 
 
@@ -78,15 +85,19 @@ class SelfAttention(nn.Module):
                                            _heads(v, self.heads), is_causal=causal)
         return self.out(_merge(y))
 
-    def step(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t: int,
-             mask: torch.Tensor) -> torch.Tensor:
-        """One position: x [B, 1, d]; caches [B, h, L, dh] get slot t; mask [1, L] bool."""
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        k_cache[:, :, t:t + 1] = _heads(k, self.heads)
-        v_cache[:, :, t:t + 1] = _heads(v, self.heads)
-        y = F.scaled_dot_product_attention(_heads(q, self.heads), k_cache, v_cache,
-                                           attn_mask=mask)
-        return self.out(_merge(y))
+    def step(self, x: torch.Tensor, kv_cache: torch.Tensor, t: int,
+             t_device: torch.Tensor | None = None, project: bool = True) -> torch.Tensor:
+        """One position: x [B, 1, d]; kv_cache [2, B, h, L, dh] gets slot t (k and v in one
+        write); attention reads only the t + 1 written slots (no mask, nothing else read):
+        :func:`dvae.models.fused.decode_attention`, one Triton kernel on CUDA that reads the
+        position from ``t_device``."""
+        B, _, d = x.shape
+        h = self.heads
+        qkv = self.qkv(x)
+        y = decode_attention(qkv[..., :d].view(B, h, d // h),
+                             qkv[..., d:].view(B, 2, h, d // h), kv_cache, t, t_device)
+        y = y.reshape(B, 1, d)
+        return self.out(y) if project else y
 
 
 class CrossAttention(nn.Module):
@@ -103,8 +114,11 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """x [N, S, d] (S = the folded queries of one image), k/v [N, h, P, dh]."""
-        y = F.scaled_dot_product_attention(_heads(self.q(x), self.heads), k, v)
-        return self.out(_merge(y))
+        return self.out(self.attend(x, k, v))
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention before the output projection, heads merged: [N, S, d]."""
+        return _merge(F.scaled_dot_product_attention(_heads(self.q(x), self.heads), k, v))
 
 
 class EncoderBlock(nn.Module):
@@ -140,15 +154,34 @@ class DecoderBlock(nn.Module):
         x = x + y.view(NK, T, d)
         return x + self.mlp(self.ln3(x))
 
-    def step(self, x: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor,
-             k_cache: torch.Tensor, v_cache: torch.Tensor, t: int, mask: torch.Tensor
-             ) -> torch.Tensor:
+    def step(self, x: torch.Tensor, xn: torch.Tensor, mem_k: torch.Tensor,
+             mem_v: torch.Tensor, kv_cache: torch.Tensor, t: int, next_ln: nn.LayerNorm,
+             out_dtype: torch.dtype | None, t_device: torch.Tensor | None = None,
+             casts: tuple | None = None, next_dtype: torch.dtype | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One position. ``x`` [B, 1, d] is the residual stream and ``xn = ln1(x)``; returns
+        the block's output and ``next_ln`` of it (the next block's ln1, or the final norm).
+        Each output projection, the residual add and the LayerNorm after them run as one
+        kernel on CUDA (:func:`linear_add_layer_norm`); ``casts`` are this block's projection
+        weights already in the compute dtype (``(weight, bias)`` of the two attention outputs,
+        fc2 and fc1) or None (then fc1 and its ReLU are two kernels). ``next_dtype`` is the
+        dtype of ``next_ln``'s output when it differs from ``out_dtype`` (the final norm feeds
+        the float32 head)."""
         NK, _, d = x.shape
         N = mem_k.shape[0]
-        x = x + self.self_attn.step(self.ln1(x), k_cache, v_cache, t, mask)
-        y = self.cross_attn(self.ln2(x).view(N, NK // N, d), mem_k, mem_v)
-        x = x + y.view(NK, 1, d)
-        return x + self.mlp(self.ln3(x))
+        c = casts or (None, None, None, None)
+        y = self.self_attn.step(xn, kv_cache, t, t_device, project=False)
+        x, xn = linear_add_layer_norm(y, self.self_attn.out, x, self.ln2, out_dtype, c[0])
+        y = self.cross_attn.attend(xn.view(N, NK // N, d), mem_k, mem_v)
+        x, xn = linear_add_layer_norm(y.view(NK, 1, d), self.cross_attn.out, x, self.ln3,
+                                      out_dtype, c[1])
+        if c[3] is not None:  # fc1 + bias + ReLU in one cuBLASLt call (its epilogue)
+            w1, b1 = c[3]
+            hidden = torch._addmm_activation(b1, xn.view(NK, d), w1.t()).view(NK, 1, -1)
+        else:
+            hidden = F.relu(self.mlp.fc1(xn))
+        return linear_add_layer_norm(hidden, self.mlp.fc2, x, next_ln,
+                                     next_dtype or out_dtype, c[2])
 
 
 class ARTransformerEncoder(nn.Module):
@@ -185,10 +218,6 @@ class ARTransformerEncoder(nn.Module):
         self.head = nn.Linear(d_model, vocab_size)
         self.register_buffer("patch_pos", sinusoidal_positions(P, d_model), persistent=False)
         self.register_buffer("tok_pos", sinusoidal_positions(latent_len, d_model),
-                             persistent=False)
-        # Row t: which cache slots position t may attend to (slots <= t).
-        self.register_buffer("step_masks",
-                             torch.ones(latent_len, latent_len, dtype=torch.bool).tril(),
                              persistent=False)
         self._init_weights()
 
@@ -267,24 +296,51 @@ class ARTransformerEncoder(nn.Module):
         dtype = memory.dtype if not torch.is_autocast_enabled(memory.device.type) else (
             torch.get_autocast_dtype(memory.device.type))
         mem_kv = self.memory_kv(memory)
-        # Zeroed, not empty: masked slots must hold finite values (0 * NaN poisons SDPA).
-        caches = [(memory.new_zeros(B, h_, L, dh, dtype=dtype),
-                   memory.new_zeros(B, h_, L, dh, dtype=dtype)) for _ in self.dec_blocks]
-        tokens = torch.empty(B, L, dtype=torch.long, device=memory.device)
-        logp = torch.empty(B, L, dtype=torch.float32, device=memory.device)
+        # One [2, B, h, L, dh] cache per layer (k and v); slot t is written before it is read,
+        # and no slot beyond t is ever read, so the cache needs no initialisation.
+        caches = [memory.new_empty(2, B, h_, L, dh, dtype=dtype) for _ in self.dec_blocks]
         prev = torch.full((B,), V, dtype=torch.long, device=memory.device)
         if sampler is None:
             sampler = self._default_sampler(temperature)
+        drawn, logps = [], []
+        blocks = list(self.dec_blocks)
+        norms = [b.ln1 for b in blocks[1:]] + [self.dec_ln]
+        out_dtype = compute_dtype(memory)  # LayerNorm outputs in the matmuls' dtype
+        # the positions on the device, made once: decode attention reads its t from here
+        positions = torch.arange(L, dtype=torch.int32, device=memory.device)
+        casts = [self._projection_casts(b, out_dtype, memory) for b in blocks]
         for t in range(L):
-            h = (self.tok_embed(prev) + self.tok_pos[t])[:, None, :]
-            mask = self.step_masks[t:t + 1]  # [1, L]: one query row
-            for block, (mk, mv), (kc, vc) in zip(self.dec_blocks, mem_kv, caches):
-                h = block.step(h, mk, mv, kc, vc, t, mask)
-            tok, lp = sampler(self.dec_ln(h[:, 0]), generator)
-            tokens[:, t] = tok
-            logp[:, t] = lp
-            prev = tok
+            x, xn = embed_add_layer_norm(prev, self.tok_embed.weight, self.tok_pos[t],
+                                         blocks[0].ln1 if blocks else self.dec_ln, out_dtype)
+            x, xn = x[:, None, :], xn[:, None, :]
+            for i, (block, (mk, mv), kv, norm, cast) in enumerate(
+                    zip(blocks, mem_kv, caches, norms, casts)):
+                # the final norm's output feeds the head, which runs in float32 (log q as the
+                # teacher-forced pass computes it, whose final LayerNorm is float32 too)
+                last = torch.float32 if i == len(blocks) - 1 else None
+                x, xn = block.step(x, xn, mk, mv, kv, t, norm, out_dtype, positions[t], cast,
+                                   next_dtype=last)
+            prev, lp = sampler(xn[:, 0], generator)
+            drawn.append(prev)
+            logps.append(lp)
+        # one stack at the end, not two copies per position
+        tokens = torch.stack(drawn, dim=1)
+        logp = torch.stack(logps, dim=1).float()
         return tokens.view(N, K, L), logp.view(N, K, L)
+
+    @staticmethod
+    def _projection_casts(block: DecoderBlock, dtype: torch.dtype | None,
+                          like: torch.Tensor) -> tuple | None:
+        """The block's four projections of the fused path (three into
+        :func:`linear_add_layer_norm`, fc1 into its ReLU epilogue), cast to the
+        compute dtype once per sampling call (None when nothing needs casting or the fused
+        kernel is not used)."""
+        if dtype is None or not fused._use_triton(like):
+            return None
+        lins = (block.self_attn.out, block.cross_attn.out, block.mlp.fc2, block.mlp.fc1)
+        return tuple((lin.weight.detach().to(dtype),
+                      lin.bias.detach().to(dtype) if lin.bias is not None else None)
+                     for lin in lins)
 
     def _default_sampler(self, temperature: float):
         def sample(hidden: torch.Tensor, generator: torch.Generator | None):

@@ -30,8 +30,12 @@ _TRUNC_STD = 0.87962566103423978
 def truncated_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
     """Fill ``t`` from a normal truncated at ±2 of its scale, whose standard deviation is
     exactly ``std`` (flax's ``variance_scaling(..., "truncated_normal")``)."""
+    # Inverse-CDF sampling of N(0, 1) restricted to [-2, 2] (as torch's trunc_normal_, written
+    # out so that it also runs on fake tensors: bench.gpu_model builds models shape-only).
     scale = std / _TRUNC_STD
-    return nn.init.trunc_normal_(t, mean=0.0, std=scale, a=-2 * scale, b=2 * scale)
+    cdf = 0.5 * (1 + math.erf(-2 / math.sqrt(2)))  # Φ(-2)
+    t.uniform_(2 * cdf - 1, 1 - 2 * cdf).erfinv_().mul_(scale * math.sqrt(2.0))
+    return t.clamp_(-2 * scale, 2 * scale)
 
 
 def fan_in(module: nn.Module) -> int:
