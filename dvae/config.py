@@ -64,6 +64,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch CPU threads (None: torch's default)
     amp: bool = True  # bf16 autocast on CUDA; false: float32 throughout (exact replication)
+    fp32_outputs: bool = True  # under amp: encoder head and decoder output layer in float32
     compile: bool = False  # torch.compile the decoder and teacher-forced pass
     kernel_backend: str | None = None  # dvae_kernels backend: null/auto|torch|triton|cuda|cpu
     # Fused linear ops (teacher-forced pass and sampling straight from hidden states, no
@@ -170,7 +171,7 @@ RUN_CONTROL_KEYS = frozenset({
 })
 # Keys `dvae eval` / `dvae reconstruct` may override on a checkpoint's config: the above, and
 # where and how the evaluation runs (the weights are the checkpoint's whatever these say).
-EVAL_KEYS = RUN_CONTROL_KEYS | {"device", "kernel_backend", "fused_linear", "amp",
+EVAL_KEYS = RUN_CONTROL_KEYS | {"device", "kernel_backend", "fused_linear", "amp", "fp32_outputs",
                                 "batch_size"}
 
 

@@ -156,11 +156,13 @@ class DAPSTrainStep:
         return contextlib.nullcontext()
 
     def fp32(self):
-        """Autocast off: the encoder's output layer (sampling, log q) runs in float32, as in
-        the reference, so that the proposal and the q in the weights are the same numbers."""
-        if self.use_amp:
+        """The precision of the encoder's output layer (sampling, log q): autocast off with
+        ``fp32_outputs`` (the default), float32 as in the reference, so that the proposal and
+        the q in the weights are the same numbers up to the bodies' rounding; else the step's
+        autocast."""
+        if self.use_amp and self.cfg.fp32_outputs:
             return torch.autocast(self.device.type, enabled=False)
-        return contextlib.nullcontext()
+        return self.autocast()
 
     def beta(self, step: int) -> float:
         return daps.beta_at(step, self.cfg.steps, self.cfg.beta_start, self.cfg.beta_end)
@@ -172,15 +174,21 @@ class DAPSTrainStep:
             return None  # the encoder's own Gumbel-max sampler on the materialised logits
         head = self.raw.encoder.head
         backend = self.cfg.kernel_backend
-        # The head runs in float32 (autocast off), as in the reference, on the float32 output
-        # of the final LayerNorm: the proposal is the q in the weights. Its weights are
-        # float32 already, so nothing is cast per position.
+        # With fp32_outputs the head runs in float32 (autocast off), as in the reference, on
+        # the float32 output of the final LayerNorm: the proposal is the q in the weights.
+        # Otherwise in the autocast dtype, its weight and bias cast here once per step, not
+        # at every position.
         weight, bias = head.weight.detach(), head.bias.detach()
+        dev = weight.device.type
+        if not self.cfg.fp32_outputs and torch.is_autocast_enabled(dev):
+            dtype = torch.get_autocast_dtype(dev)
+            weight, bias = weight.to(dtype), bias.to(dtype)
 
         def sample(h, g):
             with self.fp32():
-                return dvae_kernels.linear_sample_tokens(h.float(), weight, bias, generator=g,
-                                                         backend=backend)
+                return dvae_kernels.linear_sample_tokens(
+                    h.float() if self.cfg.fp32_outputs else h, weight, bias, generator=g,
+                    backend=backend)
         return sample
 
     def _sample_eager(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,8 +254,8 @@ class DAPSTrainStep:
         logpx, hidden = out["logpx"], out["hidden"]
         head = raw.encoder.head
         with ph("teacher_forced"):
-            # log q in float32 (autocast off), as the reference computes it
-            hidden = hidden.float()
+            # log q in float32 (autocast off), as the reference computes it (fp32_outputs)
+            hidden = hidden.float() if cfg.fp32_outputs else hidden
             with self.fp32():
                 if self.fused:
                     # One fused pass, kept differentiable: the encoder loss below weights

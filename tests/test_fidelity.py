@@ -169,3 +169,19 @@ def test_imagenet_evaluation_protocol(tmp_path, protocol):
 def test_imagenet_preset_evaluates_like_the_paper():
     cfg = load_config("imagenet256")
     assert cfg.eval_protocol == "paper" and cfg.eval_samples == 0  # all 50,000 images
+
+
+@pytest.mark.parametrize("fp32_outputs", [True, False])
+def test_fp32_outputs_switch(fp32_outputs):
+    """Under autocast the likelihood parameters (and the encoder head) are float32 with
+    fp32_outputs=true (the default), bf16 like the layers before them with false."""
+    cfg = load_config("cifar10", ["dataset=synthetic", "latent_len=16", "d_model=32",
+                                  "resnet_hidden=16", f"fp32_outputs={fp32_outputs}"])
+    model = build_model(cfg).train()
+    tokens = torch.randint(0, cfg.vocab_size, (4, cfg.latent_len))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        params = model.decode(tokens)
+        hidden = torch.randn(4, 32)
+        tok, lp = model.encoder._default_sampler(1.0)(hidden, None)
+    assert params.dtype == (torch.float32 if fp32_outputs else torch.bfloat16)
+    assert lp.dtype == torch.float32 and tok.shape == (4,)

@@ -122,6 +122,9 @@ def build_model(cfg, pixel_shift=None, pixel_scale=None) -> DAPSAutoencoder:
     else:
         decoder = ResNetDecoder(image_shape, cfg.latent_len, cfg.vocab_size, cfg.d_model,
                                 cfg.resnet_hidden, cfg.resnet_blocks, m)
+    # Under autocast: the layers that produce log q and the likelihood parameters in float32
+    # (the reference's precision), or in bf16 like the rest (faster; Config.fp32_outputs).
+    decoder.fp32_output = encoder.fp32_head = cfg.fp32_outputs
     return DAPSAutoencoder(encoder, decoder, likelihood, eta_mode=cfg.eta_mode,
                            eta_init=cfg.eta_init, pixel_shift=pixel_shift,
                            pixel_scale=pixel_scale)

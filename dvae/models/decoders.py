@@ -61,6 +61,16 @@ class Gaussian(nn.Module):
         return self.split(params)[0]
 
 
+def _output_precision(fp32: bool, h: torch.Tensor):
+    """The decoder's output layer (the likelihood parameters) in float32 under autocast when
+    ``fp32`` (the reference's precision), else in the autocast dtype like the layers before."""
+    import contextlib
+
+    if fp32 and torch.is_autocast_enabled(h.device.type):
+        return torch.autocast(h.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class MLPDecoder(nn.Module):
     """tokens [B, L] -> Embed -> flatten [B, L*d] -> (Dense, ReLU)* -> Dense -> [B, C*m, H, W]."""
 
@@ -80,6 +90,7 @@ class MLPDecoder(nn.Module):
         self.heads = nn.ModuleList(
             [nn.Linear(width, C * H * W) for _ in range(params_per_channel)])
         self.channels = C
+        self.fp32_output = True  # set by build_model from Config.fp32_outputs
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 init.lecun_normal_(m)
@@ -90,8 +101,8 @@ class MLPDecoder(nn.Module):
         B = tokens.shape[0]
         h = self.body(self.embed(tokens).reshape(B, -1))
         C, _, H, W = self.channels, *self.out_shape
-        with torch.autocast(h.device.type, enabled=False):  # likelihood parameters in fp32
-            h = h.float()
+        with _output_precision(self.fp32_output, h):
+            h = h.float() if self.fp32_output else h
             return torch.cat([head(h).view(B, C, H, W) for head in self.heads], dim=1)
 
 
@@ -111,18 +122,19 @@ class SampleBatchNorm2d(nn.BatchNorm2d):
         K = self.groups
         if not self.training or K == 1:
             return super().forward(x)
+        # [N·K, C, H, W] image-major is [N, K·C, H, W]: BatchNorm over K·C channels takes the
+        # statistics of each (k, c) over the N images and H·W pixels, in one native kernel
         B, C, H, W = x.shape
-        xg = x.view(B // K, K, C, H, W)
-        var, mean = torch.var_mean(xg.float(), dim=(0, 3, 4), unbiased=False, keepdim=True)
-        y = (xg - mean) * torch.rsqrt(var + self.eps)
-        y = y * self.weight.view(1, 1, C, 1, 1) + self.bias.view(1, 1, C, 1, 1)
-        with torch.no_grad():
-            n = (B // K) * H * W
-            unbiased = var.view(K, C) * (n / max(n - 1, 1))
-            self.running_mean.lerp_(mean.view(K, C).mean(0), self.momentum)
-            self.running_var.lerp_(unbiased.mean(0), self.momentum)
+        running_mean = self.running_mean.repeat(K)
+        running_var = self.running_var.repeat(K)
+        y = F.batch_norm(x.reshape(B // K, K * C, H, W), running_mean, running_var,
+                         self.weight.repeat(K), self.bias.repeat(K), True, self.momentum,
+                         self.eps)
+        with torch.no_grad():  # each copy moved toward its k's statistics: average them
+            self.running_mean.copy_(running_mean.view(K, C).mean(0))
+            self.running_var.copy_(running_var.view(K, C).mean(0))
             self.num_batches_tracked += 1
-        return y.view(B, C, H, W).to(x.dtype)
+        return y.view(B, C, H, W)
 
 
 class ResidualBlock(nn.Module):
@@ -172,6 +184,7 @@ class ResNetDecoder(nn.Module):
                 ups += [SampleBatchNorm2d(out), nn.ReLU()]
             ch = out
         self.up = nn.Sequential(*ups)
+        self.fp32_output = True  # set by build_model from Config.fp32_outputs
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 init.lecun_normal_(m)
@@ -189,5 +202,6 @@ class ResNetDecoder(nn.Module):
         h = F.relu(self.blocks(self.stem(e)))
         for layer in self.up[:-1]:
             h = layer(h)
-        with torch.autocast(h.device.type, enabled=False):  # likelihood parameters in fp32
-            return self.patcher.crop(self.up[-1](h.float()))
+        with _output_precision(self.fp32_output, h):
+            h = h.float() if self.fp32_output else h
+            return self.patcher.crop(self.up[-1](h))

@@ -219,6 +219,9 @@ class ARTransformerEncoder(nn.Module):
         self.register_buffer("patch_pos", sinusoidal_positions(P, d_model), persistent=False)
         self.register_buffer("tok_pos", sinusoidal_positions(latent_len, d_model),
                              persistent=False)
+        # the head (sampling, log q) in float32 under autocast; build_model sets it from
+        # Config.fp32_outputs
+        self.fp32_head = True
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -317,7 +320,7 @@ class ARTransformerEncoder(nn.Module):
                     zip(blocks, mem_kv, caches, norms, casts)):
                 # the final norm's output feeds the head, which runs in float32 (log q as the
                 # teacher-forced pass computes it, whose final LayerNorm is float32 too)
-                last = torch.float32 if i == len(blocks) - 1 else None
+                last = torch.float32 if i == len(blocks) - 1 and self.fp32_head else None
                 x, xn = block.step(x, xn, mk, mv, kv, t, norm, out_dtype, positions[t], cast,
                                    next_dtype=last)
             prev, lp = sampler(xn[:, 0], generator)
@@ -344,8 +347,11 @@ class ARTransformerEncoder(nn.Module):
 
     def _default_sampler(self, temperature: float):
         def sample(hidden: torch.Tensor, generator: torch.Generator | None):
-            with torch.autocast(hidden.device.type, enabled=False):  # log q in float32
-                logits = self.head(hidden.float())
+            if self.fp32_head:  # log q in float32
+                with torch.autocast(hidden.device.type, enabled=False):
+                    logits = self.head(hidden.float())
+            else:
+                logits = self.head(hidden).float()
             logq = torch.log_softmax(logits, dim=-1)
             scaled = logq if temperature == 1.0 else torch.log_softmax(logits / temperature, -1)
             # Gumbel-max: argmax(log p + G) ~ Categorical(p), one uniform draw per entry.
