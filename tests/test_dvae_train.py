@@ -2,7 +2,7 @@
 
 import json
 
-import torch
+from utils import assert_bitwise_equal
 
 from dvae.cli import main
 from dvae.config import load_config
@@ -44,21 +44,6 @@ def _state(trainer):
     return s["model"], s["optimizer"], s["eta_optimizer"], s["generators"], s["rng_cpu"]
 
 
-def _assert_same(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
-
-
 def test_exact_resume_is_bitwise(tmp_path):
     for mode in ("learned", "solved"):
         straight = Trainer(_tiny(tmp_path / f"a_{mode}", eta_mode=mode))
@@ -70,7 +55,7 @@ def test_exact_resume_is_bitwise(tmp_path):
         resumed = Trainer(_tiny(tmp_path / f"b_{mode}", eta_mode=mode), resume=True)
         assert resumed.step == 3 and resumed.batches_consumed == 3
         resumed.run()
-        _assert_same(_state(straight), _state(resumed))
+        assert_bitwise_equal(_state(straight), _state(resumed))
 
 
 def test_cli_train_eval_reconstruct(tmp_path, capsys):

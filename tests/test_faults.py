@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from utils import assert_bitwise_equal
 
 from dvae.checkpoint import load
 
@@ -75,24 +75,10 @@ def test_sigkill_anywhere_then_resume_is_exact(tmp_path):
     a, b = load(straight / "checkpoint.pt"), load(out / "checkpoint.pt")
     assert a["step"] == b["step"] == STEPS
     for part in ("model", "optimizer", "eta_optimizer", "generators", "rng_cpu"):
-        _assert_equal(a[part], b[part], part)
+        assert_bitwise_equal(a[part], b[part], part)
 
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["split"] == "train"]
     assert steps == list(range(2, STEPS + 1, 2)), steps
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
-
-def _assert_equal(a, b, path):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _assert_equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path

@@ -60,3 +60,19 @@ def assert_close_to_reference(out, reference, torch_out, dtype, what: str = "out
     tol = 2 * torch_err + FLOOR[dtype] * scale
     assert err <= tol, (f"{what} ({dtype}): max error {err:.3g} > tolerance {tol:.3g} "
                         f"(torch backend error {torch_err:.3g})")
+
+
+def assert_bitwise_equal(a, b, path: str = "state") -> None:
+    """Nested dicts / lists / tensors (a checkpoint's state) equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_bitwise_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
