@@ -219,7 +219,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"dvae: {stop}", file=sys.stderr)
         return 128 + stop.signum
     except KeyboardInterrupt:
-        print("dvae: interrupted twice; stopped without saving (the last checkpoint stands)",
+        # before training started, or a second Ctrl-C during it
+        print("dvae: interrupted; stopped without saving (the last checkpoint, if any, stands)",
               file=sys.stderr)
         return 130
     except (ValueError, BackendError) as err:
