@@ -62,28 +62,6 @@ CPU_CASES = [("digits", 64), ("mnist", 32)]
 DRY_RUN_CASES = [("digits", 4)]
 
 
-class TrainingModuleMissing(RuntimeError):
-    """``dvae.bench_api`` is not there (the training module has not landed in this tree)."""
-
-
-def load_make_step():
-    """``dvae.bench_api.make_step``, or :class:`TrainingModuleMissing` saying what is absent.
-    An import error raised inside the module (a bug there) is not hidden: it propagates."""
-    try:
-        from dvae import bench_api
-    except ImportError as exc:
-        if exc.name in ("dvae", "dvae.bench_api"):
-            raise TrainingModuleMissing(
-                f"the training module's benchmark API is missing: cannot import "
-                f"{exc.name!r} ({exc}). bench.e2e needs dvae.bench_api.make_step(preset, *, "
-                f"batch_size, K=None, device, kernel_backend, compile, **overrides) -> "
-                f"(step, phases)") from exc
-        raise
-    if not hasattr(bench_api, "make_step"):
-        raise TrainingModuleMissing("dvae.bench_api has no make_step")
-    return bench_api.make_step
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -278,11 +256,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         device = torch.device("cpu")
     else:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        make_step = load_make_step()
-    except TrainingModuleMissing as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+    from dvae.bench_api import make_step
     if args.dry_run:
         cases = args.cases or DRY_RUN_CASES
         providers = [PROVIDERS[n] for n in (args.providers or ["torch", "fused"])]

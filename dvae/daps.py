@@ -34,10 +34,6 @@ def beta_at(step: int, total_steps: int, beta_start: float, beta_end: float) -> 
     return beta_start * (beta_end / beta_start) ** frac
 
 
-def _fused(name: str):
-    return getattr(dvae_kernels, name, None)
-
-
 def token_stats(hidden: torch.Tensor, head: torch.nn.Linear, tokens: torch.Tensor, *,
                 logits: torch.Tensor | None = None, backend: str | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,16 +47,13 @@ def token_stats(hidden: torch.Tensor, head: torch.nn.Linear, tokens: torch.Tenso
 
     Returns:
         ``(logp [N, K, L], entropy [N, K, L])`` float32, detached. Uses the fused
-        ``linear_token_logprobs`` (never materialising ``[N, K, L, V]``) when dvae_kernels has
-        it and ``logits`` is not given.
+        ``linear_token_logprobs`` (never materialising ``[N, K, L, V]``) when ``logits`` is
+        not given.
     """
     with torch.no_grad():
-        fused = _fused("linear_token_logprobs")
-        if logits is None and fused is not None:
-            return fused(hidden, head.weight, tokens, head.bias, return_entropy=True,
-                         backend=backend)
         if logits is None:
-            logits = head(hidden)
+            return dvae_kernels.linear_token_logprobs(hidden, head.weight, tokens, head.bias,
+                                                      return_entropy=True, backend=backend)
         return dvae_kernels.token_logprobs(logits.detach(), tokens, return_entropy=True,
                                            backend=backend)
 
@@ -79,13 +72,10 @@ def encoder_loss(hidden: torch.Tensor, head: torch.nn.Linear, tokens: torch.Tens
     """
     N = tokens.shape[0]
     w = weights.detach()[..., None]
-    fused = _fused("linear_weighted_token_nll")
-    if logits is None and fused is not None:
-        total = fused(hidden, head.weight, tokens, w, head.bias, reduction="sum",
-                      backend=backend)
+    if logits is None:
+        total = dvae_kernels.linear_weighted_token_nll(hidden, head.weight, tokens, w, head.bias,
+                                                       reduction="sum", backend=backend)
     else:
-        if logits is None:
-            logits = head(hidden)
         total = dvae_kernels.weighted_token_nll(logits, tokens, w, reduction="sum",
                                                 backend=backend)
     return total / N
@@ -168,7 +158,7 @@ def daps_losses(logpx: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear
         L_eta = (ess.mean() - rho * K) ** 2
     """
     N, K, L = tokens.shape
-    logits = head(hidden) if use_logits or _fused("linear_token_logprobs") is None else None
+    logits = head(hidden) if use_logits else None
     logp_tok, entropy = token_stats(hidden, head, tokens, logits=logits, backend=backend)
     logq = logp_tok.sum(-1)
     rewards = logpx.detach().float()
