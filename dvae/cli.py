@@ -1,8 +1,12 @@
-"""``dvae`` command line: train, eval, reconstruct.
+"""``dvae`` command line: train, eval, reconstruct, compare.
 
     dvae train [--config PRESET|FILE.yaml] [--resume | --overwrite] [key=value ...]
     dvae eval --checkpoint PATH [key=value ...]
     dvae reconstruct --checkpoint PATH [--out FILE.png] [--count N] [key=value ...]
+    dvae compare RUN_DIR... [--format markdown|csv] [--csv FILE]
+
+``method=`` chooses the objective (daps, daps_na, vq, fsq, gumbel, gumbel_na, grmck,
+grmck_na: the paper's Table 1) on any preset.
 
 Presets: digits (default; scikit-learn's 8x8 digits, minutes on a CPU), mnist, cifar10,
 imagenet256 (the paper's configurations; give data_path=...). Multi-GPU or multi-process:
@@ -36,7 +40,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
 
     p = _Parser(prog="dvae", description=__doc__.split("\n")[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    t = sub.add_parser("train", help="train a DAPS autoencoder", allow_abbrev=False,
+    t = sub.add_parser("train", help="train an autoencoder (method=daps by default)",
+                       allow_abbrev=False,
                        epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", default=None,
                    help="a preset (digits, mnist, cifar10, imagenet256) or a YAML file")
@@ -64,6 +69,12 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     r.add_argument("--count", type=int, default=16, help="test images to show (>= 1)")
     r.add_argument("overrides", nargs="*", metavar="key=value",
                    help="evaluation keys (data_path, device, ...)")
+    c = sub.add_parser("compare", help="Table 1 (Markdown or CSV) for the given run folders",
+                       allow_abbrev=False)
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="out_dir of dvae train runs")
+    c.add_argument("--format", default="markdown", choices=("markdown", "csv"),
+                   help="what to print (default: markdown)")
+    c.add_argument("--csv", default=None, metavar="FILE", help="also write the CSV here")
     return p, sub.choices
 
 
@@ -179,13 +190,27 @@ def _eval_or_reconstruct(args) -> int:
     x01 = x01.to(device)
     model.eval()
     with torch.no_grad():
-        tokens, _ = model.sample(pre(x01), 1, generator=torch.Generator(device).manual_seed(0))
-        recon = model.reconstruct(tokens[:, 0])
+        codes = model.encode_codes(pre(x01), generator=torch.Generator(device).manual_seed(0))
+        recon = model.reconstruct(codes)
     try:
         save_grid(pre.target_pixels(x01).cpu(), recon.cpu(), args.out)
     except (OSError, ValueError) as err:
         raise ValueError(f"--out {args.out}: cannot write the PNG: {err}") from None
     print(f"wrote {args.out} ({x01.shape[0]} originals above their reconstructions)")
+    return 0
+
+
+def _compare(args) -> int:
+    from .compare import read_run, table
+
+    rows = [read_run(run) for run in args.runs]
+    print(table(rows, args.format), end="")
+    if args.csv:
+        try:
+            with open(args.csv, "w") as f:
+                f.write(table(rows, "csv"))
+        except OSError as err:
+            raise ValueError(f"--csv {args.csv}: cannot write it: {err.strerror}") from None
     return 0
 
 
@@ -214,6 +239,8 @@ def _main(argv: list[str] | None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "compare":
+            return _compare(args)
         return _eval_or_reconstruct(args)
     except Interrupted as stop:
         print(f"dvae: {stop}", file=sys.stderr)

@@ -10,9 +10,8 @@ For a batch of N images with K sampled latent sequences each:
     L_dec = −(1/(N·K)) Σ_ik log p_φ(x_i|z_ik)
     L_eta = (mean_i ESS_i − ρK)²                                 (learned η: gradient in log η)
 
-The pieces are separate functions so that the training step can put each in its own
-profiling range; :func:`daps_losses` composes them (and is what the tests check against a
-float64 transcription of §1).
+:func:`daps_losses` composes the pieces, each in its own profiling range: it is what the
+training step runs and what the tests check against a float64 transcription of §1.
 """
 
 from __future__ import annotations
@@ -135,8 +134,10 @@ class DAPSTerms:
 def daps_losses(logpx: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear,
                 tokens: torch.Tensor, log_eta: torch.Tensor, beta: float, *,
                 ess_target: float, eta_mode: str = "learned", use_logits: bool = False,
-                backend: str | None = None) -> DAPSTerms:
-    """One DAPS objective evaluation (DESIGN.md §1, steps 2-8).
+                backend: str | None = None, fp32: bool = False, precision=None,
+                gather=None, phases=None, backward: bool = False) -> DAPSTerms:
+    """One DAPS objective evaluation (DESIGN.md §1, steps 2-8): the composition the training
+    step runs (:class:`dvae.objectives.DAPSObjective`) and the tests check.
 
     Args:
         logpx: ``[N, K]`` log p_φ(x_i|z_ik) (differentiable in φ).
@@ -146,7 +147,16 @@ def daps_losses(logpx: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear
         log_eta: 0-d; a parameter when ``eta_mode="learned"``.
         beta: this step's entropy weight.
         ess_target: ρ, the target mean ESS as a fraction of K.
-        use_logits: materialise the logits even when fused linear ops exist.
+        use_logits: materialise the logits (``head(hidden)``, then the logits ops); else one
+            fused ``linear_token_logprobs`` pass, kept differentiable, whose log-probabilities
+            the encoder loss weighs (no second pass over the vocabulary).
+        fp32: the head in float32 on float32 hidden states (``Config.fp32_outputs``), inside
+            ``precision`` (a context that turns autocast off; default none).
+        gather: ``f(rewards, logq) -> (all_rewards, all_logq, rows)``: the global batch's
+            rows under torchrun, so η, the weights and the mean ESS are the global batch's,
+            and the slice of this process's rows (default: the local batch).
+        phases: a :class:`dvae.profiling.Phases` ("teacher_forced", "weights", "losses").
+        backward: backpropagate ``L_enc + L_dec + L_eta`` inside the "losses" phase.
 
     Equivalent PyTorch (float64 transcription in tests/test_dvae_daps.py)::
 
@@ -157,18 +167,46 @@ def daps_losses(logpx: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear
         L_enc = -(w.detach() * logq).sum() / N;  L_dec = -logpx.mean()
         L_eta = (ess.mean() - rho * K) ** 2
     """
+    import contextlib
+
+    ph = phases if phases is not None else (lambda name: contextlib.nullcontext())
+    precision = precision if precision is not None else contextlib.nullcontext
     N, K, L = tokens.shape
-    logits = head(hidden) if use_logits else None
-    logp_tok, entropy = token_stats(hidden, head, tokens, logits=logits, backend=backend)
-    logq = logp_tok.sum(-1)
-    rewards = logpx.detach().float()
-    eta = eta_for_step(log_eta, rewards, logq, beta, ess_target, eta_mode, backend=backend)
-    weights, ess = dvae_kernels.daps_weights(rewards, logq, beta, eta, backend=backend)
-    if eta_mode == "learned":
-        l_eta = eta_loss(ess, ess_target, K)
-    else:
-        l_eta = ess.new_zeros(())
-    l_enc = encoder_loss(hidden, head, tokens, weights, logits=logits, backend=backend)
-    return DAPSTerms(encoder_loss=l_enc, decoder_loss=decoder_loss(logpx), eta_loss=l_eta,
+    with ph("teacher_forced"):
+        hidden = hidden.float() if fp32 else hidden
+        with precision():
+            if use_logits:
+                logits = head(hidden)
+                logp_tok, entropy = token_stats(hidden, head, tokens, logits=logits,
+                                                backend=backend)
+            else:
+                logits = None
+                logp_tok, entropy = dvae_kernels.linear_token_logprobs(
+                    hidden, head.weight, tokens, head.bias, return_entropy=True,
+                    backend=backend)
+                entropy = entropy.detach()
+        logq = logp_tok.detach().sum(-1)
+    with ph("weights"):
+        rewards = logpx.detach().float()
+        all_rewards, all_logq, rows = (gather(rewards, logq) if gather is not None
+                                       else (rewards, logq, slice(None)))
+        eta = eta_for_step(log_eta, all_rewards, all_logq, beta, ess_target, eta_mode,
+                           backend=backend)
+        weights, ess = dvae_kernels.daps_weights(all_rewards, all_logq, beta, eta,
+                                                 backend=backend)
+        weights = weights[rows]
+    with ph("losses"):
+        with precision():
+            if logits is None:
+                # = linear_weighted_token_nll(hidden, W, tokens, w[..., None]) / N
+                l_enc = -(weights.detach()[..., None] * logp_tok).sum() / N
+            else:
+                l_enc = encoder_loss(hidden, head, tokens, weights, logits=logits,
+                                     backend=backend)
+        l_dec = decoder_loss(logpx)
+        l_eta = eta_loss(ess, ess_target, K) if eta_mode == "learned" else l_dec.new_zeros(())
+        if backward:
+            (l_enc + l_dec + l_eta).backward()
+    return DAPSTerms(encoder_loss=l_enc, decoder_loss=l_dec, eta_loss=l_eta,
                      weights=weights.detach(), ess=ess.detach(), eta=eta.detach(), logq=logq,
                      entropy=entropy, rewards=rewards)

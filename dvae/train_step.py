@@ -1,4 +1,5 @@
-"""One DAPS training step (DESIGN.md §1), shared by the trainer and the benchmark API.
+"""One training step, shared by the trainer and the benchmark API: the method's objective
+(:mod:`dvae.objectives`) and the optimisation every method shares. For DAPS (DESIGN.md §1):
 
     sample          K sequences per image from q_θ (KV cache, no gradient)
     reward          decoder forward: log p_φ(x|z) for each sample
@@ -7,12 +8,14 @@
     losses          encoder, decoder and η losses; backward
     optimizer       non-finite check, adaptive clipping, AdamW steps
 
-The step never reads a device value back to the host; its metrics are tensors.
+The baselines use "sample" (encode and sample or quantise), "reward" (decoder), "losses" and
+"optimizer". The step never reads a device value back to the host; its metrics are tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable
 
@@ -22,11 +25,12 @@ from torch import nn
 import dvae_kernels
 
 from . import daps, optim
+from .objectives import make_objective
 from .profiling import Phases
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The DAPSAutoencoder inside DDP and/or torch.compile wrappers."""
+    """The autoencoder inside DDP and/or torch.compile wrappers."""
     while True:
         if hasattr(model, "module"):
             model = model.module
@@ -108,12 +112,13 @@ class GraphedSampler:
         return static_out.clone()
 
 
-class DAPSTrainStep:
-    """Callable ``step(x, step_index) -> metrics`` (0-d tensors).
+class TrainStep:
+    """Callable ``step(x, step_index) -> metrics`` (0-d tensors) for any method.
 
     Args:
-        model: a :class:`dvae.models.DAPSAutoencoder`, possibly wrapped by DDP (its forward is
-            the differentiable part) and/or ``torch.compile``.
+        model: the autoencoder :func:`dvae.models.build_model` made for ``cfg.method``,
+            possibly wrapped by DDP (its forward is the differentiable part) and/or
+            ``torch.compile``.
         cfg: the run's :class:`dvae.config.Config`.
         generator: the sampling random stream (checkpointed).
         phases: NVTX ranges and optional timers.
@@ -130,12 +135,15 @@ class DAPSTrainStep:
         self.device = device
         self.phases = phases or Phases(False, device)
         self.distributed = distributed
+        learned_eta = cfg.method in ("daps", "daps_na") and cfg.eta_mode == "learned"
         net_params = [p for n, p in self.raw.named_parameters() if n != "log_eta"]
         self.net_params = net_params
         self.optimizer = optim.make_adamw(net_params, cfg.lr, cfg.weight_decay)
         self.eta_optimizer = (optim.make_adamw([self.raw.log_eta], cfg.eta_lr, cfg.weight_decay)
-                              if cfg.eta_mode == "learned" else None)
+                              if learned_eta else None)
         clip_dims = optim.unit_reduce_dims(self.raw)
+        if hasattr(self.raw, "clip_dims"):  # a model's own units (VQ-VAE's codebook)
+            clip_dims.update(self.raw.clip_dims())
         self.clip_dims = {p: clip_dims[p] for p in net_params}
         # all gradients clipped in a fixed number of kernels (index maps built once)
         self.clipper = optim.AdaptiveClip(self.clip_dims, cfg.clip) if cfg.clip > 0 else None
@@ -149,6 +157,7 @@ class DAPSTrainStep:
         # captured only on CUDA; None: the eager loop
         self.graphed: GraphedSampler | None = None
         self.graph_mode = mode if device.type == "cuda" and torch.cuda.is_available() else "off"
+        self.objective = make_objective(self)
 
     def autocast(self):
         if self.use_amp:
@@ -166,6 +175,14 @@ class DAPSTrainStep:
 
     def beta(self, step: int) -> float:
         return daps.beta_at(step, self.cfg.steps, self.cfg.beta_start, self.cfg.beta_end)
+
+    def lr(self, step: int) -> float:
+        """This step's learning rate: constant, or the reference's cosine decay to 0.1·lr
+        over ``steps`` (optax ``cosine_decay_schedule(alpha=0.1)``)."""
+        if self.cfg.lr_schedule == "constant":
+            return self.cfg.lr
+        frac = min(max(step, 0) / max(self.cfg.steps, 1), 1.0)
+        return self.cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     def sampler(self):
         """The per-position sampler the KV-cache loop calls: dvae_kernels' fused
@@ -219,7 +236,7 @@ class DAPSTrainStep:
             self.graphed = None
             return self._sample_eager(x)
 
-    def _gather_rows(self, rewards: torch.Tensor, logq: torch.Tensor):
+    def gather_rows(self, rewards: torch.Tensor, logq: torch.Tensor):
         """``(rewards, logq)`` of the global batch, rank-major (the order a single process
         sees them in), and the slice of this rank's rows; the local tensors on one process."""
         if not self.distributed:
@@ -240,94 +257,30 @@ class DAPSTrainStep:
             return self._step(x, step)
 
     def _step(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        cfg, raw, ph = self.cfg, self.raw, self.phases
-        K = cfg.num_samples
-        beta = self.beta(step)
-        backend = cfg.kernel_backend
+        raw, ph = self.raw, self.phases
         raw.train()
-        with ph("sample"):
-            tokens = self.sample(x)
-        # reward and teacher_forced are timed inside the model's forward (one DDP forward)
-        with self.autocast():
-            # a compiled forward gets no phases: NVTX calls inside it would break the graph
-            out = self.model(x, tokens, phases=None if self.compiled else ph)
-        logpx, hidden = out["logpx"], out["hidden"]
-        head = raw.encoder.head
-        with ph("teacher_forced"):
-            # log q in float32 (autocast off), as the reference computes it (fp32_outputs)
-            hidden = hidden.float() if cfg.fp32_outputs else hidden
-            with self.fp32():
-                if self.fused:
-                    # One fused pass, kept differentiable: the encoder loss below weights
-                    # these same log-probabilities (no second pass over the vocabulary).
-                    logits = None
-                    logp_tok, entropy = dvae_kernels.linear_token_logprobs(
-                        hidden, head.weight, tokens, head.bias, return_entropy=True,
-                        backend=backend)
-                    entropy = entropy.detach()
-                else:
-                    logits = head(hidden)
-                    logp_tok, entropy = daps.token_stats(hidden, head, tokens, logits=logits,
-                                                         backend=backend)
-            logq = logp_tok.detach().sum(-1)
-        with ph("weights"):
-            rewards = logpx.detach().float()
-            # The trust region is the global batch's (DESIGN.md §1 step 6): under torchrun,
-            # every rank sees all [N, K] rewards and log q (a few KB), solves the same η and
-            # keeps the weights of its own rows.
-            all_rewards, all_logq, rows = self._gather_rows(rewards, logq)
-            eta = daps.eta_for_step(out["log_eta"], all_rewards, all_logq, beta,
-                                    cfg.ess_target, cfg.eta_mode, backend=backend)
-            weights, ess = dvae_kernels.daps_weights(all_rewards, all_logq, beta, eta,
-                                                     backend=backend)
-            weights = weights[rows]
-        with ph("losses"):
-            with self.fp32():
-                if self.fused:
-                    # = linear_weighted_token_nll(hidden, W, tokens, w[..., None]) / N
-                    l_enc = -(weights.detach()[..., None] * logp_tok).sum() / tokens.shape[0]
-                else:
-                    l_enc = daps.encoder_loss(hidden, head, tokens, weights, logits=logits,
-                                              backend=backend)
-            l_dec = daps.decoder_loss(logpx)
-            loss = l_enc + l_dec
-            if cfg.eta_mode == "learned":
-                l_eta = daps.eta_loss(ess, cfg.ess_target, K)
-                loss = loss + l_eta
-            else:
-                l_eta = loss.new_zeros(())
-            loss.backward()
+        metrics = self.objective(x, step)  # every phase up to the losses and their backward
         with ph("optimizer"):
             params = self.net_params + ([raw.log_eta] if self.eta_optimizer else [])
-            found_inf = optim.nonfinite_flag(params, loss)
+            found_inf = optim.nonfinite_flag(params, metrics["loss"])
             if self.distributed:
                 torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
             if self.clipper is not None:
                 self.clipper()
+            if self.cfg.lr_schedule != "constant":
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.lr(step)
             optim.step_unless_nonfinite(self.optimizer, found_inf)
             if self.eta_optimizer is not None:
                 optim.step_unless_nonfinite(self.eta_optimizer, found_inf)
-            else:
-                with torch.no_grad():  # a skipped step keeps the previous record
-                    new = eta.detach().log().to(raw.log_eta.dtype)
-                    raw.log_eta.copy_(torch.where(found_inf > 0, raw.log_eta, new))
+            self.objective.after_update(found_inf)
             self.optimizer.zero_grad(set_to_none=True)
             if self.eta_optimizer is not None:
                 self.eta_optimizer.zero_grad(set_to_none=True)
             self.skipped += found_inf
-        with torch.no_grad():
-            elbo = daps.beta_elbo(rewards, entropy, raw.vocab_size, cfg.beta_end)
-            return {
-                "loss": loss.detach(),
-                "encoder_loss": l_enc.detach(),
-                "decoder_loss": l_dec.detach(),
-                "eta_loss": l_eta.detach(),
-                "beta_elbo": elbo.mean(),
-                "log_px": rewards.mean(),
-                "logq": logq.mean(),
-                "entropy": entropy.sum(-1).mean(),
-                "ess_frac": ess.mean() / K,
-                "eta": eta.detach().float(),
-                "beta": torch.tensor(beta),
-                "skipped": found_inf,
-            }
+        metrics["skipped"] = found_inf
+        return metrics
+
+
+# the name the DAPS-only step had; the step runs any method's objective
+DAPSTrainStep = TrainStep

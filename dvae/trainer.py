@@ -18,7 +18,6 @@ rank, over its batch_size/W images. Rank 0 logs, evaluates and writes checkpoint
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
@@ -30,13 +29,14 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import daps, metrics
+from . import metrics
 from .config import RUN_CONTROL_KEYS, Config, changed_keys
 from .data import Batches, BatchStream, Preprocess, load_datasets, pixel_stats
-from .models import DAPSAutoencoder, build_model
+from .models import build_model
+from .models.autoencoder import CategoricalAutoencoder, LatentAutoencoder
 from .profiling import Phases
 from .rundir import RunDir
-from .train_step import DAPSTrainStep
+from .train_step import TrainStep
 
 # The paper's optax.apply_if_finite(100): so many non-finite steps in a row end the run.
 MAX_CONSECUTIVE_SKIPS = 100
@@ -112,6 +112,22 @@ def check_kernel_backend(cfg: Config, device: torch.device) -> None:
                          "torch" + (", or fused_linear=never" if fused else ""))
 
 
+def machine() -> dict[str, str | int]:
+    """Where a run ran: the CPU model, core count, GPU name, torch version."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count() or 0, "gpu": gpu, "torch": torch.__version__}
+
+
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -124,14 +140,16 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: DAPSAutoencoder, dataset, preprocess: Preprocess, cfg: Config,
+def evaluate(model: LatentAutoencoder, dataset, preprocess: Preprocess, cfg: Config,
              device: torch.device, *, max_images: int | None = None, seed: int = 12345,
              grid_path: str | os.PathLike | None = None, fid_net: nn.Module | None = None
              ) -> dict[str, float]:
-    """Test-set metrics with one sampled sequence per image (the authors' protocol: one
-    stochastic sample at temperature 1): β-ELBO (nats per image, β_end), log p(x|z), KL to the
-    uniform prior, PSNR, SSIM, codebook usage and perplexity; rFID when ``fid_net`` (from
-    :func:`dvae.fid.inception`) is given."""
+    """Test-set metrics with one code sequence per image (the authors' protocol: one
+    stochastic sample at temperature 1 for a categorical encoder; the nearest codes for
+    VQ-VAE and FSQ): log p(x|z), PSNR, SSIM, codebook usage and perplexity for every method;
+    the KL to the uniform prior and the β-ELBO (nats per image, β_end) where q is a
+    distribution (not VQ-VAE, FSQ); rFID when ``fid_net`` (from :func:`dvae.fid.inception`)
+    is given."""
     from .data import TensorImages
 
     rfid = None
@@ -146,7 +164,8 @@ def evaluate(model: DAPSAutoencoder, dataset, preprocess: Preprocess, cfg: Confi
     bs = max(1, min(cfg.batch_size, 256))
     g = torch.Generator(device=device).manual_seed(seed)
     sums = {"beta_elbo": 0.0, "log_px": 0.0, "kl": 0.0, "psnr": 0.0, "ssim": 0.0}
-    all_tokens = []
+    has_kl = True
+    all_codes = []
     first = None
     evaluated = unreadable = 0
     for start in range(0, n, bs):
@@ -165,30 +184,32 @@ def evaluate(model: DAPSAutoencoder, dataset, preprocess: Preprocess, cfg: Confi
         evaluated += x01.shape[0]
         x01 = x01.to(device)
         x = preprocess(x01)
-        tokens, _ = model.sample(x, 1, generator=g)
-        params = model.decode(tokens[:, 0])
+        codes = model.encode_codes(x, generator=g)
+        params = model.decode_codes(codes)
         logpx = model.likelihood.log_prob(params, x)
-        memory = model.encode(x)
-        hidden = model.encoder.teacher_forced(memory, tokens)
-        _, entropy = daps.token_stats(hidden, model.encoder.head, tokens,
-                                      backend=cfg.kernel_backend)
-        kl = (math.log(model.vocab_size) - entropy[:, 0]).sum(-1)
+        kl = (model.kl_uniform(x, codes, backend=cfg.kernel_backend)
+              if isinstance(model, CategoricalAutoencoder) else None)
         recon = model.to_pixels(model.likelihood.mean(params))
         target = preprocess.target_pixels(x01)
         if rfid is not None:
             rfid.update(target, recon)
-        sums["beta_elbo"] += (logpx - cfg.beta_end * kl).sum().item()
+        if kl is None:
+            has_kl = False
+        else:
+            sums["beta_elbo"] += (logpx - cfg.beta_end * kl).sum().item()
+            sums["kl"] += kl.sum().item()
         sums["log_px"] += logpx.sum().item()
-        sums["kl"] += kl.sum().item()
         sums["psnr"] += metrics.psnr(recon, target).sum().item()
         sums["ssim"] += metrics.ssim(recon, target).sum().item()
-        all_tokens.append(tokens.cpu())
+        all_codes.append(codes.cpu())
         if first is None:
             first = (target[:cfg.grid_images].cpu(), recon[:cfg.grid_images].cpu())
     if evaluated == 0:
         raise ValueError(f"no test image could be read ({unreadable} unreadable files)")
-    out = {k: v / evaluated for k, v in sums.items()}
-    out.update(metrics.codebook_stats(torch.cat(all_tokens), model.vocab_size))
+    out: dict[str, float | None] = {k: v / evaluated for k, v in sums.items()}
+    if not has_kl:  # VQ-VAE and FSQ: q is not a distribution, no KL and no β-ELBO
+        out["beta_elbo"] = out["kl"] = None
+    out.update(metrics.codebook_stats(torch.cat(all_codes), model.codebook_size))
     out["eval_images"] = evaluated
     if rfid is not None:
         out["rfid"] = rfid.compute()
@@ -269,7 +290,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(
             cfg.seed * 7919 + 17 + self.rank)
         self.phases = Phases(False, self.device)
-        self.step_fn = DAPSTrainStep(fwd, cfg, generator=self.generator, phases=self.phases,
+        self.step_fn = TrainStep(fwd, cfg, generator=self.generator, phases=self.phases,
                                      distributed=self.distributed)
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size is the global batch and must divide among the "
@@ -278,6 +299,7 @@ class Trainer:
         self.stream = BatchStream(len(self.train_set), cfg.batch_size // self.world, cfg.seed,
                                   self.rank, self.world)
         self.step = 0
+        self.train_seconds = 0.0
         self.batches_consumed = 0
         self.files_skipped = 0
         self._writer = None
@@ -287,6 +309,10 @@ class Trainer:
             self.start_step = self.step
         if self.rundir is not None:
             self.rundir.cut_back(self.step)
+            if self.step == 0:  # the run's description heads its metrics (dvae compare)
+                self._log({"split": "config", "step": 0, "method": cfg.method,
+                           "bits_per_image": cfg.bits_per_image, "machine": machine(),
+                           "config": cfg.to_dict()})
         self.batches = Batches(self.train_set, self.stream, cfg.num_workers)
         self._fid_net = None
         if cfg.fid and self.rank == 0:  # fail now, not at the first evaluation
@@ -312,6 +338,7 @@ class Trainer:
             "eta_optimizer": (self.step_fn.eta_optimizer.state_dict()
                               if self.step_fn.eta_optimizer else None),
             "step": self.step,
+            "train_seconds": self.train_seconds,
             "batches_consumed": self.batches_consumed,
             "skipped_steps": self.step_fn.skipped.cpu(),
             "files_skipped": self.files_skipped,
@@ -349,6 +376,7 @@ class Trainer:
         if self.step_fn.eta_optimizer is not None and state["eta_optimizer"] is not None:
             self.step_fn.eta_optimizer.load_state_dict(state["eta_optimizer"])
         self.step = int(state["step"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         self.batches_consumed = int(state["batches_consumed"])
         self.stream.seek(self.batches_consumed)
         self.step_fn.skipped.copy_(state["skipped_steps"])
@@ -405,9 +433,13 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def run(self, until: int | None = None) -> dict[str, float]:
-        """Train up to step ``until`` (default: ``cfg.steps``); returns the last logged
-        training metrics, and evaluation metrics under ``test_*`` when an evaluation ran.
+    def run(self, until: int | None = None, *, time_budget: float | None = None
+            ) -> dict[str, float]:
+        """Train up to step ``until`` (default: ``cfg.steps``), or until the run's training
+        wall-clock (``train_seconds``, carried across resumes; evaluations and checkpoints
+        not counted) reaches ``time_budget`` seconds; then log, evaluate and save. Returns
+        the last logged training metrics, and evaluation metrics under ``test_*`` when an
+        evaluation ran.
 
         SIGINT and SIGTERM let the current step finish, save the checkpoint and raise
         :class:`Interrupted`. :data:`MAX_CONSECUTIVE_SKIPS` non-finite steps in a row raise
@@ -416,7 +448,7 @@ class Trainer:
         """
         previous = self._install_signal_handlers()
         try:
-            return self._run(until)
+            return self._run(until, time_budget)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -506,18 +538,25 @@ class Trainer:
                 f"gradient (the limit is {MAX_CONSECUTIVE_SKIPS}); the run stopped. Check the "
                 f"data for NaN/inf, or lower lr (now {self.cfg.lr})")
 
-    def _run(self, until: int | None) -> dict[str, float]:
+    def _run(self, until: int | None, time_budget: float | None = None) -> dict[str, float]:
         cfg = self.cfg
         end = cfg.steps if until is None else min(until, cfg.steps)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=end, initial=self.step, disable=not cfg.progress or self.rank != 0,
-                   desc="dvae train", dynamic_ncols=True)
+                   desc=f"dvae train ({cfg.method})", dynamic_ncols=True)
         window = _Window(self.device)
         last: dict[str, float] = {}
         while self.step < end:
+            t0 = time.perf_counter()
             self._train_one(window, bar)
-            done = self.step == end
+            over = time_budget is not None and (
+                self.train_seconds + time.perf_counter() - t0 >= time_budget)
+            if self.distributed and time_budget is not None:  # every rank stops together
+                flag = torch.tensor([float(over)], device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                over = bool(flag.item())
+            done = self.step == end or over
             log_now = self.step % cfg.log_every == 0 or done
             if log_now:
                 # read at log intervals only: the loop never waits for the device otherwise
@@ -525,17 +564,20 @@ class Trainer:
                 last = window.read()
                 last["skipped"] = int(self.step_fn.skipped.item())
                 last["files_skipped"] = self.files_skipped
+                last["train_seconds"] = self.train_seconds + time.perf_counter() - t0
                 self._log({"split": "train", "step": self.step, **last})
                 if last.get("loss") is not None:
-                    bar.set_postfix(loss=f"{last['loss']:.2f}", log_px=f"{last['log_px']:.1f}",
-                                    ess=f"{last['ess_frac']:.2f}", eta=f"{last['eta']:.3g}")
+                    shown = {k: last[k] for k in ("loss", "log_px", "ess_frac", "eta",
+                                                  "temperature") if last.get(k) is not None}
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
                 window = _Window(self.device)
+            self.train_seconds += time.perf_counter() - t0
             evaluate_now = cfg.eval_every > 0 and self.step % cfg.eval_every == 0
-            if (evaluate_now or (done and self.step == cfg.steps)) and self.rank == 0:
+            if (evaluate_now or (done and (self.step == cfg.steps or over))) and self.rank == 0:
                 res = self.evaluate()
+                elbo = "" if res["beta_elbo"] is None else f", beta-ELBO {res['beta_elbo']:.2f}"
                 bar.write(f"step {self.step}: test PSNR {res['psnr']:.2f} dB, SSIM "
-                          f"{res['ssim']:.3f}, beta-ELBO {res['beta_elbo']:.2f}, codebook "
-                          f"{res['codebook_usage']:.2f}")
+                          f"{res['ssim']:.3f}{elbo}, codebook {res['codebook_usage']:.2f}")
             if self.distributed and (evaluate_now or done):
                 dist.barrier()
             stop = self._stop_requested(collective=log_now or done)
@@ -544,6 +586,8 @@ class Trainer:
             if stop:
                 bar.close()
                 raise Interrupted(self._stop_signal, self.step, self.ckpt_path)
+            if over:
+                break
         bar.close()
         out = dict(last)
         out.update({f"test_{k}": v for k, v in self.last_eval.items()})

@@ -70,7 +70,7 @@ def test_new_run_refuses_a_folder_with_a_checkpoint(tmp_path, capsys):
     _train(tmp_path, "steps=2", "--overwrite")
     assert ckpt.load(tmp_path / "checkpoint.pt")["step"] == 2
     steps = [json.loads(s)["step"] for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [2, 2]  # train and test records of the new run only
+    assert steps == [0, 2, 2]  # the new run's description, its train and test records only
 
 
 def test_lock_keeps_a_second_process_out(tmp_path, capsys):

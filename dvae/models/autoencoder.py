@@ -1,10 +1,17 @@
-"""The DAPS autoencoder: encoder q_θ(z|x), decoder p_φ(x|z), pixel likelihood, and log η.
+"""The autoencoders: encoder q_θ(z|x), decoder p_φ(x|z), pixel likelihood; for DAPS also
+log η.
 
-``forward(x, tokens)`` is the differentiable part of a training step, in one call so that
-DistributedDataParallel sees every parameter used in its forward: the decoder's log-likelihood
-of each image under each sampled sequence (the rewards, and the decoder loss) and the encoder's
-teacher-forced hidden states (for log q and the encoder loss). Sampling runs before it, without
-gradient, through :meth:`DAPSAutoencoder.sample`.
+:class:`LatentAutoencoder` holds what every method shares (the decoder, the likelihood, the
+pixel scaling) and the evaluation interface (:meth:`~LatentAutoencoder.encode_codes`,
+:meth:`~LatentAutoencoder.decode_codes`, :meth:`~LatentAutoencoder.kl_uniform`).
+:class:`CategoricalAutoencoder` adds a categorical encoder, autoregressive or factorised.
+
+``DAPSAutoencoder.forward(x, tokens)`` is the differentiable part of a training step, in one
+call so that DistributedDataParallel sees every parameter used in its forward: the decoder's
+log-likelihood of each image under each sampled sequence (the rewards, and the decoder loss)
+and the encoder's teacher-forced hidden states (for log q and the encoder loss). Sampling runs
+before it, without gradient, through :meth:`DAPSAutoencoder.sample`. The baselines' models are
+in :mod:`dvae.models.baselines`.
 """
 
 from __future__ import annotations
@@ -17,37 +24,66 @@ from torch import nn
 
 from .decoders import Bernoulli, Gaussian, MLPDecoder, ResNetDecoder
 from .encoder import ARTransformerEncoder
+from .factorised import FactorisedEncoder
 
 
-class DAPSAutoencoder(nn.Module):
-    """Args:
-        encoder, decoder, likelihood: the three parts.
-        eta_mode: ``"learned"`` (log η is a parameter, the paper's choice) or ``"solved"``
-            (η is solved for each step; log η is then a buffer holding the last value).
-        eta_init: η₀.
-        pixel_shift, pixel_scale: per-channel ``x_model = (x01 - shift) / scale`` that maps
-            pixels in [0, 1] to what the model sees (identity for Bernoulli).
-    """
+def no_phase(name: str):
+    return contextlib.nullcontext()
 
-    def __init__(self, encoder: ARTransformerEncoder, decoder: nn.Module, likelihood: nn.Module,
-                 *, eta_mode: str = "learned", eta_init: float = 100.0,
-                 pixel_shift: torch.Tensor | None = None,
+
+class LatentAutoencoder(nn.Module):
+    """The encoder, the decoder, the likelihood and the pixel scaling
+    ``x_model = (x01 - shift) / scale``
+    (identity for Bernoulli); subclasses add an encoder and the evaluation interface."""
+
+    codebook_size: int
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module,
+                 channels: int, pixel_shift: torch.Tensor | None = None,
                  pixel_scale: torch.Tensor | None = None):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.likelihood = likelihood
-        self.eta_mode = eta_mode
-        log_eta = torch.tensor(math.log(eta_init), dtype=torch.float32)
-        if eta_mode == "learned":
-            self.log_eta = nn.Parameter(log_eta)
-        else:
-            self.register_buffer("log_eta", log_eta)
-        C = encoder.patcher.channels
+        C = channels
         shift = torch.zeros(C) if pixel_shift is None else torch.as_tensor(pixel_shift).float()
         scale = torch.ones(C) if pixel_scale is None else torch.as_tensor(pixel_scale).float()
         self.register_buffer("pixel_shift", shift.view(C, 1, 1).clone())
         self.register_buffer("pixel_scale", scale.view(C, 1, 1).clone())
+
+    def to_pixels(self, x_model: torch.Tensor) -> torch.Tensor:
+        """Model space -> [0, 1] pixels (clamped)."""
+        return (x_model.float() * self.pixel_scale + self.pixel_shift).clamp(0, 1)
+
+    def encode_codes(self, x: torch.Tensor, generator: torch.Generator | None = None
+                     ) -> torch.Tensor:
+        """Images -> one code sequence each, ``[N, L]`` int64 in [0, codebook_size): a
+        sample at temperature 1 for a categorical encoder, the nearest code otherwise."""
+        raise NotImplementedError
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, L] -> likelihood parameters [B, C*m, H, W]."""
+        raise NotImplementedError
+
+    def kl_uniform(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor | None:
+        """``KL(q(z|x) ‖ uniform)`` per image along ``codes`` [N, L] (summed over positions),
+        or None where q is not a distribution (VQ-VAE, FSQ)."""
+        return None
+
+    def reconstruct(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, L] -> the decoder's mean image in [0, 1] pixels, [B, C, H, W]."""
+        return self.to_pixels(self.likelihood.mean(self.decode_codes(codes)))
+
+
+class CategoricalAutoencoder(LatentAutoencoder):
+    """A categorical encoder (:class:`ARTransformerEncoder` or :class:`FactorisedEncoder`,
+    which offer the same sampling interface) before the shared decoder."""
+
+    def __init__(self, encoder: ARTransformerEncoder | FactorisedEncoder, decoder: nn.Module,
+                 likelihood: nn.Module, *, pixel_shift: torch.Tensor | None = None,
+                 pixel_scale: torch.Tensor | None = None):
+        super().__init__(encoder, decoder, likelihood, encoder.patcher.channels, pixel_shift,
+                         pixel_scale)
 
     @property
     def latent_len(self) -> int:
@@ -57,9 +93,13 @@ class DAPSAutoencoder(nn.Module):
     def vocab_size(self) -> int:
         return self.encoder.vocab_size
 
-    def to_pixels(self, x_model: torch.Tensor) -> torch.Tensor:
-        """Model space -> [0, 1] pixels (clamped)."""
-        return (x_model.float() * self.pixel_scale + self.pixel_shift).clamp(0, 1)
+    @property
+    def codebook_size(self) -> int:
+        return self.encoder.vocab_size
+
+    @property
+    def factorised(self) -> bool:
+        return isinstance(self.encoder, FactorisedEncoder)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder.encode(x)
@@ -76,9 +116,50 @@ class DAPSAutoencoder(nn.Module):
         """tokens [B, L] -> likelihood parameters [B, C*m, H, W]."""
         return self.decoder(tokens)
 
-    def reconstruct(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, L] -> the decoder's mean image in [0, 1] pixels, [B, C, H, W]."""
-        return self.to_pixels(self.likelihood.mean(self.decoder(tokens)))
+    @torch.no_grad()
+    def encode_codes(self, x: torch.Tensor, generator: torch.Generator | None = None
+                     ) -> torch.Tensor:
+        return self.sample(x, 1, generator=generator)[0][:, 0]
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.decoder(codes)
+
+    @torch.no_grad()
+    def kl_uniform(self, x: torch.Tensor, codes: torch.Tensor,
+                   backend: str | None = None) -> torch.Tensor:
+        """Σ_l (log V − H_l), the entropies of q along the sampled prefix (teacher-forced)."""
+        import dvae_kernels
+
+        tokens = codes[:, None]
+        hidden = self.encoder.teacher_forced(self.encoder.encode(x), tokens)
+        _, entropy = dvae_kernels.linear_token_logprobs(
+            hidden.float(), self.encoder.head.weight.float(), tokens,
+            self.encoder.head.bias.float(), return_entropy=True, backend=backend)
+        return (math.log(self.vocab_size) - entropy[:, 0].float()).sum(-1)
+
+
+class DAPSAutoencoder(CategoricalAutoencoder):
+    """Args:
+        encoder, decoder, likelihood: the three parts.
+        eta_mode: ``"learned"`` (log η is a parameter, the paper's choice) or ``"solved"``
+            (η is solved for each step; log η is then a buffer holding the last value).
+        eta_init: η₀.
+        pixel_shift, pixel_scale: per-channel ``x_model = (x01 - shift) / scale`` that maps
+            pixels in [0, 1] to what the model sees (identity for Bernoulli).
+    """
+
+    def __init__(self, encoder: ARTransformerEncoder | FactorisedEncoder, decoder: nn.Module,
+                 likelihood: nn.Module, *, eta_mode: str = "learned", eta_init: float = 100.0,
+                 pixel_shift: torch.Tensor | None = None,
+                 pixel_scale: torch.Tensor | None = None):
+        super().__init__(encoder, decoder, likelihood, pixel_shift=pixel_shift,
+                         pixel_scale=pixel_scale)
+        self.eta_mode = eta_mode
+        log_eta = torch.tensor(math.log(eta_init), dtype=torch.float32)
+        if eta_mode == "learned":
+            self.log_eta = nn.Parameter(log_eta)
+        else:
+            self.register_buffer("log_eta", log_eta)
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor, phases=None
                 ) -> dict[str, torch.Tensor]:
@@ -95,7 +176,7 @@ class DAPSAutoencoder(nn.Module):
             ``log_eta`` (0-d).
         """
         N, K, L = tokens.shape
-        phase = phases if phases is not None else (lambda name: contextlib.nullcontext())
+        phase = phases if phases is not None else no_phase
         with phase("reward"):
             params = self.decoder(tokens.reshape(N * K, L), groups=K)
             logpx = self.likelihood.log_prob(params.view(N, K, *params.shape[1:]), x[:, None])
@@ -104,27 +185,47 @@ class DAPSAutoencoder(nn.Module):
         return {"logpx": logpx, "hidden": hidden, "log_eta": self.log_eta}
 
 
-def build_model(cfg, pixel_shift=None, pixel_scale=None) -> DAPSAutoencoder:
-    """The autoencoder a :class:`dvae.config.Config` describes."""
+def build_model(cfg, pixel_shift=None, pixel_scale=None) -> LatentAutoencoder:
+    """The autoencoder a :class:`dvae.config.Config` describes, for its ``method``."""
     image_shape = (cfg.channels, cfg.image_size, cfg.image_size)
-    encoder = ARTransformerEncoder(
-        image_shape, cfg.latent_len, cfg.vocab_size, d_model=cfg.d_model,
-        num_heads=cfg.num_heads, enc_layers=cfg.enc_layers, dec_layers=cfg.dec_layers,
-        mlp_ratio=cfg.mlp_ratio, num_patches=cfg.patches)
+    quantised = cfg.method in ("vq", "fsq")
+    # VQ-VAE and FSQ hand the decoder vectors, not token ids: no embedding table there
+    vocab = None if quantised else cfg.vocab_size
+    if cfg.factorised:
+        encoder: nn.Module = FactorisedEncoder(
+            image_shape, cfg.latent_len, vocab, d_model=cfg.d_model, num_heads=cfg.num_heads,
+            layers=cfg.na_layers, mlp_ratio=cfg.na_mlp_ratio)
+    else:
+        encoder = ARTransformerEncoder(
+            image_shape, cfg.latent_len, cfg.vocab_size, d_model=cfg.d_model,
+            num_heads=cfg.num_heads, enc_layers=cfg.enc_layers, dec_layers=cfg.dec_layers,
+            mlp_ratio=cfg.mlp_ratio, num_patches=cfg.patches)
     if cfg.likelihood == "bernoulli":
         likelihood: nn.Module = Bernoulli()
     else:
         likelihood = Gaussian(cfg.min_var, cfg.max_var)
     m = likelihood.params_per_channel
     if cfg.decoder == "mlp":
-        decoder: nn.Module = MLPDecoder(image_shape, cfg.latent_len, cfg.vocab_size,
-                                        cfg.d_model, list(cfg.mlp_hidden), m)
+        width = cfg.fsq_adapter_width if cfg.method == "fsq" else None
+        decoder: nn.Module = MLPDecoder(image_shape, cfg.latent_len, vocab, cfg.d_model,
+                                        list(cfg.mlp_hidden), m, input_dim=width)
     else:
-        decoder = ResNetDecoder(image_shape, cfg.latent_len, cfg.vocab_size, cfg.d_model,
+        decoder = ResNetDecoder(image_shape, cfg.latent_len, vocab, cfg.d_model,
                                 cfg.resnet_hidden, cfg.resnet_blocks, m)
     # Under autocast: the layers that produce log q and the likelihood parameters in float32
     # (the reference's precision), or in bf16 like the rest (faster; Config.fp32_outputs).
-    decoder.fp32_output = encoder.fp32_head = cfg.fp32_outputs
-    return DAPSAutoencoder(encoder, decoder, likelihood, eta_mode=cfg.eta_mode,
-                           eta_init=cfg.eta_init, pixel_shift=pixel_shift,
-                           pixel_scale=pixel_scale)
+    decoder.fp32_output = cfg.fp32_outputs
+    encoder.fp32_head = cfg.fp32_outputs
+    if cfg.method in ("daps", "daps_na"):
+        return DAPSAutoencoder(encoder, decoder, likelihood, eta_mode=cfg.eta_mode,
+                               eta_init=cfg.eta_init, pixel_shift=pixel_shift,
+                               pixel_scale=pixel_scale)
+    from .baselines import QuantisedAutoencoder, RelaxedAutoencoder
+
+    if quantised:
+        return QuantisedAutoencoder(cfg, encoder, decoder, likelihood,
+                                    pixel_shift=pixel_shift, pixel_scale=pixel_scale)
+    return RelaxedAutoencoder(encoder, decoder, likelihood,
+                              estimator="grmck" if cfg.method.startswith("grmck") else "gumbel",
+                              mc_samples=cfg.grmck_k, pixel_shift=pixel_shift,
+                              pixel_scale=pixel_scale)

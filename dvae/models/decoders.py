@@ -74,14 +74,16 @@ def _output_precision(fp32: bool, h: torch.Tensor):
 class MLPDecoder(nn.Module):
     """tokens [B, L] -> Embed -> flatten [B, L*d] -> (Dense, ReLU)* -> Dense -> [B, C*m, H, W]."""
 
-    def __init__(self, image_shape: tuple[int, int, int], latent_len: int, vocab_size: int,
-                 d_model: int, hidden: list[int], params_per_channel: int):
+    def __init__(self, image_shape: tuple[int, int, int], latent_len: int, vocab_size: int | None,
+                 d_model: int, hidden: list[int], params_per_channel: int,
+                 input_dim: int | None = None):
         super().__init__()
         C, H, W = image_shape
         self.out_shape = (C * params_per_channel, H, W)
-        self.embed = nn.Embedding(vocab_size, d_model)
+        # no embedding table when the latent arrives as vectors (VQ-VAE, FSQ: vocab_size None)
+        self.embed = nn.Embedding(vocab_size, d_model) if vocab_size else None
         layers: list[nn.Module] = []
-        width = latent_len * d_model
+        width = latent_len * (input_dim or d_model)
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
@@ -94,15 +96,21 @@ class MLPDecoder(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 init.lecun_normal_(m)
-        init.embedding_(self.embed)
+        if self.embed is not None:
+            init.embedding_(self.embed)
 
     def forward(self, tokens: torch.Tensor, groups: int = 1) -> torch.Tensor:
         """tokens [B, L] -> [B, C*m, H, W] (``groups`` is unused: no batch statistics)."""
-        B = tokens.shape[0]
-        h = self.body(self.embed(tokens).reshape(B, -1))
+        return self.decode_embedded(self.embed(tokens), groups)
+
+    def decode_embedded(self, e: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """Token vectors [B, L, input_dim] (embeddings, relaxed one-hots times the table, or
+        quantised vectors) -> [B, C*m, H, W]."""
+        B = e.shape[0]
+        h = self.body(e.reshape(B, -1))
         C, _, H, W = self.channels, *self.out_shape
         with _output_precision(self.fp32_output, h):
-            h = h.float() if self.fp32_output else h
+            h = (h if h.dtype == torch.float64 else h.float()) if self.fp32_output else h
             return torch.cat([head(h).view(B, C, H, W) for head in self.heads], dim=1)
 
 
@@ -156,7 +164,7 @@ class ResNetDecoder(nn.Module):
     """tokens [B, L] -> Embed -> grid [B, d, gh, gw] -> conv 3x3 -> residual blocks -> ReLU
     -> log2(canvas/gh) transposed convs (4x4, stride 2; BN+ReLU between) -> crop."""
 
-    def __init__(self, image_shape: tuple[int, int, int], latent_len: int, vocab_size: int,
+    def __init__(self, image_shape: tuple[int, int, int], latent_len: int, vocab_size: int | None,
                  d_model: int, hidden: int, num_blocks: int, params_per_channel: int):
         super().__init__()
         C, H, W = image_shape
@@ -169,7 +177,8 @@ class ResNetDecoder(nn.Module):
                 f"the ResNet decoder needs a square token grid that upsamples by a power of two "
                 f"to a square canvas; L={latent_len} gives a {gh}x{gw} grid and a "
                 f"{ch_}x{cw_} canvas for {H}x{W} images")
-        self.embed = nn.Embedding(vocab_size, d_model)
+        # no embedding table when the latent arrives as vectors (VQ-VAE, FSQ: vocab_size None)
+        self.embed = nn.Embedding(vocab_size, d_model) if vocab_size else None
         self.grid = (gh, gw)
         self.stem = nn.Conv2d(d_model, hidden, 3, padding=1)
         self.blocks = nn.Sequential(*[ResidualBlock(hidden) for _ in range(num_blocks)])
@@ -188,20 +197,25 @@ class ResNetDecoder(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 init.lecun_normal_(m)
-        init.embedding_(self.embed)
+        if self.embed is not None:
+            init.embedding_(self.embed)
 
     def forward(self, tokens: torch.Tensor, groups: int = 1) -> torch.Tensor:
         """tokens [B, L] -> [B, C*m, H, W]; ``groups`` = K when B = N·K rows hold K samples
         per image (image-major): batch statistics are then per sample index."""
+        return self.decode_embedded(self.embed(tokens), groups)
+
+    def decode_embedded(self, e: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """Token vectors [B, L, d] -> [B, C*m, H, W] (see :meth:`forward`)."""
         for m in self.modules():
             if isinstance(m, SampleBatchNorm2d):
                 m.groups = groups
-        B = tokens.shape[0]
+        B = e.shape[0]
         gh, gw = self.grid
-        e = self.embed(tokens).view(B, gh, gw, -1).permute(0, 3, 1, 2)
+        e = e.reshape(B, gh, gw, -1).permute(0, 3, 1, 2)
         h = F.relu(self.blocks(self.stem(e)))
         for layer in self.up[:-1]:
             h = layer(h)
         with _output_precision(self.fp32_output, h):
-            h = h.float() if self.fp32_output else h
+            h = (h if h.dtype == torch.float64 else h.float()) if self.fp32_output else h
             return self.patcher.crop(self.up[-1](h))

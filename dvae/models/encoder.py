@@ -37,6 +37,11 @@ from .fused import (
 from .patches import Patcher
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or as it is when wider (float64 models in the tests)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
     """``[length, dim]`` table: sines in the first half, cosines in the second (reference
     layout), frequencies geometric from 1 to 1/10000."""
@@ -346,17 +351,76 @@ class ARTransformerEncoder(nn.Module):
                      for lin in lins)
 
     def _default_sampler(self, temperature: float):
-        def sample(hidden: torch.Tensor, generator: torch.Generator | None):
-            if self.fp32_head:  # log q in float32
-                with torch.autocast(hidden.device.type, enabled=False):
-                    logits = self.head(hidden.float())
-            else:
-                logits = self.head(hidden).float()
-            logq = torch.log_softmax(logits, dim=-1)
-            scaled = logq if temperature == 1.0 else torch.log_softmax(logits / temperature, -1)
-            # Gumbel-max: argmax(log p + G) ~ Categorical(p), one uniform draw per entry.
-            u = torch.rand(scaled.shape, device=scaled.device, generator=generator)
-            gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
-            tok = torch.argmax(scaled + gumbel, dim=-1)
-            return tok, logq.gather(-1, tok[:, None])[:, 0]
-        return sample
+        return gumbel_max_sampler(self.head, self.fp32_head, temperature)
+
+    # -- the differentiable loop of the relaxed baselines (Gumbel, GR-MCK) ---------------------
+
+    def relaxed_sample(self, memory: torch.Tensor, relax) -> tuple[torch.Tensor, ...]:
+        """One relaxed sequence per image, differentiable through every position: the input
+        at position t is the relaxed one-hot of t-1 times the token table (the reference's
+        autoregressive Gumbel-softmax), so gradients flow back along the whole chain.
+
+        Args:
+            memory: ``[N, P, d]`` from :meth:`encode`.
+            relax: ``f(logits [N, V] float32) -> (onehot [N, V], index [N])``: the
+                straight-through sample of one position.
+
+        Returns:
+            ``logits [N, L, V]`` float32 (q along the sampled prefix), ``onehots [N, L, V]``
+            (differentiable) and ``tokens [N, L]``. With hard one-hots in the forward value
+            (straight-through) the logits equal :meth:`teacher_forced`'s for those tokens.
+        """
+        N = memory.shape[0]
+        L, V = self.latent_len, self.vocab_size
+        mem_kv = self.memory_kv(memory)
+        caches: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.dec_blocks]
+        x_in = self.tok_embed.weight[V].expand(N, 1, self.d_model)
+        table = self.tok_embed.weight[:V]
+        all_logits, onehots, tokens = [], [], []
+        for t in range(L):
+            x = x_in + self.tok_pos[t]
+            for block, (mk, mv), cache in zip(self.dec_blocks, mem_kv, caches):
+                x = self._relaxed_block(block, x, mk, mv, cache)
+            h = self.dec_ln(x)[:, 0]
+            with torch.autocast(h.device.type, enabled=False):
+                logits = (self.head(at_least_fp32(h)) if self.fp32_head
+                          else at_least_fp32(self.head(h)))
+            onehot, tok = relax(logits)
+            all_logits.append(logits)
+            onehots.append(onehot)
+            tokens.append(tok)
+            x_in = (onehot.to(table.dtype) @ table)[:, None]
+        return torch.stack(all_logits, 1), torch.stack(onehots, 1), torch.stack(tokens, 1)
+
+    def _relaxed_block(self, block: DecoderBlock, x: torch.Tensor, mem_k: torch.Tensor,
+                       mem_v: torch.Tensor, cache: list) -> torch.Tensor:
+        """:meth:`DecoderBlock.forward` for the newest position alone (x [N, 1, d]),
+        keeping the keys and values of the earlier ones in ``cache`` with their gradients."""
+        h = block.self_attn.heads
+        q, k, v = block.self_attn.qkv(block.ln1(x)).chunk(3, dim=-1)
+        cache.append((_heads(k, h), _heads(v, h)))
+        keys = torch.cat([c[0] for c in cache], dim=2)
+        values = torch.cat([c[1] for c in cache], dim=2)
+        y = F.scaled_dot_product_attention(_heads(q, h), keys, values)
+        x = x + block.self_attn.out(_merge(y))
+        x = x + block.cross_attn(block.ln2(x), mem_k, mem_v)
+        return x + block.mlp(block.ln3(x))
+
+
+def gumbel_max_sampler(head: nn.Linear, fp32_head: bool, temperature: float = 1.0):
+    """``f(hidden [B, d], generator) -> (tokens [B], log q [B])``: ``head`` then one exact
+    categorical draw per row by Gumbel-max, log q at temperature 1 (float32)."""
+    def sample(hidden: torch.Tensor, generator: torch.Generator | None):
+        if fp32_head:  # log q in float32
+            with torch.autocast(hidden.device.type, enabled=False):
+                logits = head(hidden.float())
+        else:
+            logits = head(hidden).float()
+        logq = torch.log_softmax(logits, dim=-1)
+        scaled = logq if temperature == 1.0 else torch.log_softmax(logits / temperature, -1)
+        # Gumbel-max: argmax(log p + G) ~ Categorical(p), one uniform draw per entry.
+        u = torch.rand(scaled.shape, device=scaled.device, generator=generator)
+        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
+        tok = torch.argmax(scaled + gumbel, dim=-1)
+        return tok, logq.gather(-1, tok[:, None])[:, 0]
+    return sample

@@ -1,0 +1,139 @@
+"""A wall-clock-budgeted training run of one Table 1 method (DESIGN.md §7), then its test
+figures, written with the machine they ran on.
+
+    python -m bench.replicate --method M --preset P --minutes T [--out DIR]
+        [--fit-schedule] [key=value ...] [--set key=value ...]
+
+Options and ``key=value`` overrides may come in any order (``--set key=value`` is the same
+override in option form). The run trains until its training wall-clock reaches T minutes (or
+the preset's steps end), then evaluates on the test set (``eval_samples`` of the preset) and
+saves its checkpoint. Its ``metrics.jsonl`` is what ``dvae compare`` reads; ``result.json``
+in the out folder holds the same figures with the machine.
+
+Schedules: by default the preset's ``steps`` define β's (and τ's, and a cosine learning
+rate's) annealing, as in the paper (250k steps on MNIST): a 10-minute run sees the first part
+of the paper's schedule. ``--fit-schedule`` times 20 steps first and sets ``steps`` to what
+90% of the budget holds, so the whole schedule runs within the budget.
+
+Examples::
+
+    python -m bench.replicate --method vq --preset digits --minutes 10
+    python -m bench.replicate --preset mnist --method fsq --minutes 10 data_path=mnist.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    from dvae.config import METHODS, PRESETS
+
+    p = argparse.ArgumentParser(prog="python -m bench.replicate",
+                                description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--preset", default="digits", choices=tuple(PRESETS))
+    p.add_argument("--minutes", type=float, required=True, help="training wall-clock budget")
+    p.add_argument("--out", default=None, help="out_dir (default runs/replicate/PRESET/METHOD)")
+    p.add_argument("--fit-schedule", action="store_true",
+                   help="set steps so that the schedules end with the budget")
+    p.add_argument("--set", action="append", default=[], metavar="key=value",
+                   help="a config override (also accepted bare, anywhere)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return p
+
+
+def _pilot_seconds_per_step(cfg, steps: int = 20) -> float:
+    """Seconds per training step of ``cfg``, from ``steps`` timed steps after 3 warm-up ones
+    in a throwaway run."""
+    import dataclasses
+
+    from dvae.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pilot = dataclasses.replace(cfg, out_dir=tmp, progress=False, tensorboard=False,
+                                    eval_every=0, ckpt_every=0, log_every=10 ** 6)
+        trainer = Trainer(pilot)
+        try:
+            for _ in range(3):
+                trainer._train_one(_NullWindow(), _NullBar())
+            start = time.perf_counter()
+            for _ in range(steps):
+                trainer._train_one(_NullWindow(), _NullBar())
+            float(trainer.step_fn.skipped)  # the device has finished
+            return (time.perf_counter() - start) / steps
+        finally:
+            trainer.close()
+
+
+class _NullWindow:
+    def add(self, metrics, bad) -> None:
+        pass
+
+
+class _NullBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parser().parse_intermixed_args(argv)
+    overrides = [*args.overrides, *args.set]
+    if args.minutes <= 0:
+        raise SystemExit(f"replicate: error: --minutes must be > 0, got {args.minutes}")
+
+    import torch
+
+    from dvae.config import load_config
+    from dvae.trainer import Trainer, machine
+
+    out = args.out or f"runs/replicate/{args.preset}/{args.method}"
+    base = ["progress=false", "eval_every=0", "ckpt_every=0", *overrides]
+    try:
+        cfg = load_config(args.preset, [f"method={args.method}", f"out_dir={out}", *base])
+    except ValueError as err:
+        raise SystemExit(f"replicate: error: {err}") from None
+    budget = args.minutes * 60
+    pilot = None
+    if args.fit_schedule:
+        pilot = _pilot_seconds_per_step(cfg)
+        steps = max(1, int(0.9 * budget / pilot))  # logs and evaluation take the rest
+        cfg = load_config(args.preset, [f"method={args.method}", f"out_dir={out}", *base,
+                                        f"steps={steps}"])
+    Path(out).mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, overwrite=True)
+    try:
+        last = trainer.run(time_budget=budget)
+        res = dict(trainer.last_eval) or trainer.evaluate()
+    finally:
+        trainer.close()
+    result = {
+        "method": cfg.method,
+        "preset": args.preset,
+        "bits_per_image": cfg.bits_per_image,
+        "budget_minutes": args.minutes,
+        "steps": trainer.step,
+        "schedule_steps": cfg.steps,
+        "pilot_seconds_per_step": pilot,
+        "train_seconds": round(trainer.train_seconds, 1),
+        "ms_per_step": round(1000 * trainer.train_seconds / max(trainer.step, 1), 1),
+        **{f"test_{k}": v for k, v in res.items()},
+        "train_log_px": last.get("log_px"),
+        "threads": torch.get_num_threads(),
+        "machine": machine(),
+        "overrides": overrides,
+    }
+    with open(os.path.join(out, "result.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

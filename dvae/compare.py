@@ -1,0 +1,128 @@
+"""``dvae compare RUN_DIR...``: the paper's Table 1 for the runs given, as Markdown or CSV.
+
+Each run directory's ``metrics.jsonl`` describes it: its first record holds the method, the
+bits per image, the machine and the whole configuration; the last test record holds the
+figures; the last training record the steps and the training wall-clock. β-ELBO is defined
+only where q is a distribution: VQ-VAE and FSQ show "n/a". The published figures of
+DESIGN.md §7 (mean of seeds, at 250k-300k steps) stand beside the runs' for the paper's
+datasets.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from .config import METHODS
+
+LABELS = {"fsq": "FSQ", "vq": "VQ-VAE", "grmck": "GR-MCK", "grmck_na": "GR-MCK-NA",
+          "gumbel": "Gumbel (AR)", "gumbel_na": "Gumbel-NA", "daps": "DAPS",
+          "daps_na": "DAPS-NA"}
+# Table 1's order
+ORDER = ("fsq", "vq", "grmck", "grmck_na", "gumbel", "gumbel_na", "daps", "daps_na")
+# DESIGN.md §7: published test PSNR (dB) per dataset
+PAPER_PSNR = {
+    "mnist": {"fsq": 18.42, "vq": 18.45, "grmck": 16.78, "gumbel": 16.30, "gumbel_na": 18.21,
+              "daps": 18.23, "daps_na": 18.36},
+    "cifar10": {"fsq": 24.19, "vq": 24.19, "grmck": 22.69, "gumbel": 23.74,
+                "gumbel_na": 24.27, "daps": 25.21, "daps_na": 25.02},
+    "imagenet256": {"fsq": 24.24, "vq": 23.83, "grmck": 23.01, "gumbel_na": 24.49,
+                    "daps": 24.66, "daps_na": 24.40},
+}
+COLUMNS = ("method", "dataset", "bits", "psnr", "ssim", "rfid", "beta_elbo",
+           "codebook_usage", "perplexity", "steps", "train_minutes", "paper_psnr", "run")
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """One row of the table from ``run_dir/metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{run_dir}: no metrics.jsonl (not a dvae run directory?)")
+    head = train = test = None
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        split = record.get("split") if isinstance(record, dict) else None
+        if split == "config" and head is None:
+            head = record
+        elif split == "train":
+            train = record
+        elif split == "test":
+            test = record
+    if head is None:
+        raise ValueError(f"{path}: no run description (written by dvae 0.2 and later)")
+    if test is None:
+        raise ValueError(f"{path}: no evaluation yet (the run evaluates at eval_every and "
+                         "at its end)")
+    cfg = head["config"]
+    method = head.get("method", cfg.get("method", "daps"))
+    return {
+        "method": method,
+        "dataset": cfg.get("dataset"),
+        "bits": head.get("bits_per_image"),
+        "psnr": test.get("psnr"),
+        "ssim": test.get("ssim"),
+        "rfid": test.get("rfid"),
+        "beta_elbo": test.get("beta_elbo"),
+        "codebook_usage": test.get("codebook_usage"),
+        "perplexity": test.get("perplexity"),
+        "steps": test.get("step"),
+        "train_minutes": (train or {}).get("train_seconds", 0.0) / 60,
+        "paper_psnr": PAPER_PSNR.get(cfg.get("dataset"), {}).get(method),
+        "run": str(run_dir),
+        "machine": head.get("machine", {}),
+    }
+
+
+def _sort_key(row: dict) -> tuple:
+    m = row["method"]
+    return (str(row["dataset"]), ORDER.index(m) if m in ORDER else len(METHODS), row["run"])
+
+
+def _fmt(key: str, value) -> str:
+    if value is None:
+        return "n/a" if key == "beta_elbo" else ""
+    if key == "method":
+        return LABELS.get(value, value)
+    if isinstance(value, float):
+        digits = {"psnr": 2, "ssim": 3, "rfid": 2, "beta_elbo": 2, "codebook_usage": 3,
+                  "perplexity": 1, "train_minutes": 1, "paper_psnr": 2, "bits": 1}
+        return f"{value:.{digits.get(key, 3)}f}"
+    return str(value)
+
+
+def table(rows: list[dict], fmt: str = "markdown") -> str:
+    """The rows as a Markdown table (Table 1's order) or CSV (raw numbers)."""
+    rows = sorted(rows, key=_sort_key)
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore",
+                                lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row[k] is None else row[k]) for k in COLUMNS})
+        return buf.getvalue()
+    if fmt != "markdown":
+        raise ValueError(f"--format must be markdown or csv, got {fmt!r}")
+    heads = {"method": "method", "dataset": "data", "bits": "bits", "psnr": "PSNR dB",
+             "ssim": "SSIM", "rfid": "rFID", "beta_elbo": "β-ELBO", "codebook_usage":
+             "codebook use", "perplexity": "perplexity", "steps": "steps",
+             "train_minutes": "train min", "paper_psnr": "paper PSNR", "run": "run"}
+    cols = [c for c in COLUMNS if c != "rfid" or any(r["rfid"] is not None for r in rows)]
+    lines = ["| " + " | ".join(heads[c] for c in cols) + " |",
+             "|" + "|".join("---" for _ in cols) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(c, row[c]) for c in cols) + " |")
+    machines = {json.dumps(r["machine"], sort_keys=True) for r in rows if r["machine"]}
+    notes = ["", "β-ELBO: nats per image at β_end; n/a for VQ-VAE and FSQ (no distribution "
+             "q, no KL). paper PSNR: DESIGN.md §7 (mean of seeds, 250k-300k steps)."]
+    for m in sorted(machines):
+        d = json.loads(m)
+        gpu = f", {d['gpu']}" if d.get("gpu") else ""
+        notes.append(f"machine: {d.get('cpu')} ({d.get('cores')} cores{gpu}), torch "
+                     f"{d.get('torch')}")
+    return "\n".join(lines + notes) + "\n"

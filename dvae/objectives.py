@@ -1,0 +1,179 @@
+"""The training objectives of the paper's Table 1 (DESIGN.md §7), one shape for all.
+
+An objective is one method's part of a training step: it samples or encodes, forms the losses
+and backpropagates them, each inside its profiling phase ("sample", "reward",
+"teacher_forced", "weights", "losses"), and returns its metrics as 0-d tensors (``loss``
+first; never read back to the host). :class:`dvae.train_step.TrainStep` owns what every
+method shares: the optimisers, the non-finite skip, adaptive clipping, the learning-rate
+schedule ("optimizer" phase).
+
+======================  =====================================================================
+method                  objective
+======================  =====================================================================
+daps, daps_na           :class:`DAPSObjective` (:func:`dvae.daps.daps_losses`), on the
+                        autoregressive or the factorised encoder
+gumbel, gumbel_na,      :class:`RelaxedObjective`: ``−mean(log p(x|z) − β·KL(q‖uniform))``
+grmck, grmck_na         through a straight-through (Gumbel) or Gumbel-Rao (GR-MCK) sample
+vq, fsq                 :class:`QuantisedObjective`: ``−mean(log p(x|z)/#pixels)`` (+ VQ's
+                        codebook and commitment terms)
+======================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import daps
+from .config import CATEGORICAL
+
+
+def anneal(step: int, total: int, start: float, end: float) -> float:
+    """The reference's ``auto_exp_decay`` from ``start`` to ``end`` over ``total`` steps
+    (β and the Gumbel temperature)."""
+    return daps.beta_at(step, total, start, end)
+
+
+class Objective:
+    """Base: ``objective(x, step) -> metrics`` after backpropagating the loss.
+
+    Args:
+        step: the :class:`dvae.train_step.TrainStep` that runs it (its model, config,
+            phases, precision contexts and random stream).
+    """
+
+    #: the method has a categorical q, hence a KL to the uniform prior and a β-ELBO
+    has_elbo = True
+
+    def __init__(self, step):
+        self.step = step
+        self.cfg = step.cfg
+        self.raw = step.raw
+
+    def __call__(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def after_update(self, found_inf: torch.Tensor) -> None:
+        """Called after the optimisers stepped (or skipped: ``found_inf`` is 1)."""
+
+    def beta(self, step: int) -> float:
+        return anneal(step, self.cfg.steps, self.cfg.beta_start, self.cfg.beta_end)
+
+    def _phase_kw(self) -> dict:
+        # a compiled forward gets no phases: NVTX calls inside it would break the graph
+        return {"phases": None if self.step.compiled else self.step.phases}
+
+
+class DAPSObjective(Objective):
+    """DAPS and DAPS-NA (DESIGN.md §1): K samples per image without gradient, their rewards
+    and teacher-forced log q, the trust-region weights, weighted maximum likelihood."""
+
+    def __init__(self, step):
+        super().__init__(step)
+        self._eta: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        st, cfg, raw, ph = self.step, self.cfg, self.raw, self.step.phases
+        K = cfg.num_samples
+        beta = self.beta(step)
+        with ph("sample"):
+            tokens = st.sample(x)
+        # reward and teacher_forced are timed inside the model's forward (one DDP forward)
+        with st.autocast():
+            out = st.model(x, tokens, **self._phase_kw())
+        # The trust region is the global batch's (DESIGN.md §1 step 6): under torchrun every
+        # rank sees all [N, K] rewards and log q (a few KB), solves the same η and keeps the
+        # weights of its own rows. log q and the head in float32 with fp32_outputs.
+        terms = daps.daps_losses(
+            out["logpx"], out["hidden"], raw.encoder.head, tokens, out["log_eta"], beta,
+            ess_target=cfg.ess_target, eta_mode=cfg.eta_mode, use_logits=not st.fused,
+            backend=cfg.kernel_backend, fp32=cfg.fp32_outputs, precision=st.fp32,
+            gather=st.gather_rows if st.distributed else None, phases=ph, backward=True)
+        self._eta = terms.eta
+        with torch.no_grad():
+            loss = terms.encoder_loss + terms.decoder_loss + terms.eta_loss
+            elbo = daps.beta_elbo(terms.rewards, terms.entropy, raw.vocab_size, cfg.beta_end)
+            return {
+                "loss": loss.detach(),
+                "encoder_loss": terms.encoder_loss.detach(),
+                "decoder_loss": terms.decoder_loss.detach(),
+                "eta_loss": terms.eta_loss.detach(),
+                "beta_elbo": elbo.mean(),
+                "log_px": terms.rewards.mean(),
+                "logq": terms.logq.mean(),
+                "entropy": terms.entropy.sum(-1).mean(),
+                "ess_frac": terms.ess.mean() / K,
+                "eta": terms.eta.float(),
+                "beta": torch.tensor(beta),
+            }
+
+    def after_update(self, found_inf: torch.Tensor) -> None:
+        if self.cfg.eta_mode == "learned" or self._eta is None:
+            return
+        with torch.no_grad():  # the solved η is recorded; a skipped step keeps the previous
+            log_eta = self.raw.log_eta
+            new = self._eta.log().to(log_eta.dtype)
+            log_eta.copy_(torch.where(found_inf > 0, log_eta, new))
+
+
+class RelaxedObjective(Objective):
+    """Gumbel-softmax and GR-MCK, AR or factorised: one relaxed sample per image,
+    ``L = −mean_i(log p(x_i|z_i) − β·KL(q(·|x_i)‖uniform))``, τ and β annealed."""
+
+    def temperature(self, step: int) -> float:
+        return anneal(step, self.cfg.steps, self.cfg.temp_start, self.cfg.temp_end)
+
+    def __call__(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        st, cfg, ph = self.step, self.cfg, self.step.phases
+        beta, tau = self.beta(step), self.temperature(step)
+        with st.autocast():
+            out = st.model(x, tau=tau, generator=st.generator, **self._phase_kw())
+        with ph("losses"):
+            logpx, kl = out["logpx"].float(), out["kl"]
+            loss = -(logpx - beta * kl).mean()
+            loss.backward()
+        with torch.no_grad():
+            return {
+                "loss": loss.detach(),
+                "beta_elbo": (logpx - cfg.beta_end * kl).mean(),
+                "log_px": logpx.mean(),
+                "kl": kl.mean(),
+                "temperature": torch.tensor(tau),
+                "beta": torch.tensor(beta),
+            }
+
+
+class QuantisedObjective(Objective):
+    """VQ-VAE and FSQ: ``−mean(log p(x|z)/#pixels)`` plus, for VQ-VAE, the codebook loss and
+    ``commitment`` times the commitment loss (the reference's scaling)."""
+
+    has_elbo = False
+
+    def __call__(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        st, cfg, ph = self.step, self.cfg, self.step.phases
+        with st.autocast():
+            out = st.model(x, **self._phase_kw())
+        with ph("losses"):
+            logpx = out["logpx"].float()
+            recon = -(logpx / x[0].numel()).mean()
+            loss = recon + out["codebook_loss"] + cfg.commitment * out["commitment_loss"]
+            loss.backward()
+        with torch.no_grad():
+            return {
+                "loss": loss.detach(),
+                "recon_loss": recon.detach(),
+                "codebook_loss": out["codebook_loss"].detach(),
+                "commitment_loss": out["commitment_loss"].detach(),
+                "log_px": logpx.mean(),
+            }
+
+
+def make_objective(step) -> Objective:
+    """The objective of ``step.cfg.method``."""
+    method = step.cfg.method
+    if method in ("daps", "daps_na"):
+        return DAPSObjective(step)
+    if method in ("vq", "fsq"):
+        return QuantisedObjective(step)
+    if method in CATEGORICAL:
+        return RelaxedObjective(step)
+    raise ValueError(f"unknown method {method!r}")
