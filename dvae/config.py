@@ -21,8 +21,8 @@ class Config:
     """Everything a run needs. Field comments say what the paper uses where it matters."""
 
     preset: str = "digits"  # the preset this run started from (set by --config; a label)
-    # daps | daps_na | vq | fsq | gumbel | gumbel_na | grmck | grmck_na (DESIGN.md §7)
-    method: str = "daps"  # the training objective; each sets its authors' defaults per preset
+    # Each method brings its authors' settings for the preset (METHOD_DEFAULTS, below).
+    method: str = "daps"  # daps|daps_na|vq|fsq|gumbel|gumbel_na|grmck|grmck_na (Table 1)
     # --- data ---
     dataset: str = "digits"  # digits | mnist | cifar10 | imagenet256 | synthetic
     data_path: str | None = None  # mnist: .npz or IDX folder; cifar10: the pickle folder

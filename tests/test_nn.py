@@ -300,7 +300,10 @@ def test_causal_lm_left_and_right_padding_agree():
                                        torch.cat([pad_ids, seq_ids])[None],
                                        torch.tensor([[0, 0, 1, 1, 1, 1]]))
     plain = dk.causal_lm_token_logprobs(seq_h[None], weight, seq_ids[None])
-    assert torch.equal(right[0, :3], plain[0]) and torch.equal(left[0, 2:], plain[0])
+    # equal up to float rounding: BLAS may block a 6-row and a 4-row matmul differently (on
+    # the AMD EPYC CI machine of 2026-12-02 the last bit differed)
+    assert torch.allclose(right[0, :3], plain[0], rtol=1e-6, atol=1e-6)
+    assert torch.allclose(left[0, 2:], plain[0], rtol=1e-6, atol=1e-6)
     assert torch.allclose(right.sum(), plain.sum()) and torch.allclose(left.sum(), plain.sum())
 
 

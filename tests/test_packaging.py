@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNEL_DEPS = {"torch", "triton", "numpy"}
 # Import name -> distribution name, for the training module's third-party imports.
 DIST = {"sklearn": "scikit-learn", "yaml": "pyyaml", "PIL": "pillow",
-        "pytorch_fid": "pytorch-fid"}
+        "pytorch_fid": "pytorch-fid", "vector_quantize_pytorch": "vector-quantize-pytorch"}
 
 
 def _top_level_imports(path: Path) -> dict[str, int]:
