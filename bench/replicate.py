@@ -12,8 +12,8 @@ in the out folder holds the same figures with the machine.
 
 Schedules: by default the preset's ``steps`` define β's (and τ's, and a cosine learning
 rate's) annealing, as in the paper (250k steps on MNIST): a 10-minute run sees the first part
-of the paper's schedule. ``--fit-schedule`` times 20 steps first and sets ``steps`` to what
-90% of the budget holds, so the whole schedule runs within the budget.
+of the paper's schedule. ``--fit-schedule`` times 20 steps first (``Trainer.benchmark``) and
+sets ``steps`` to what 90% of the budget holds, so the whole schedule runs within the budget.
 
 Examples::
 
@@ -28,7 +28,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 
@@ -50,36 +49,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _pilot_seconds_per_step(cfg, steps: int = 20) -> float:
-    """Seconds per training step of ``cfg``, from ``steps`` timed steps after 3 warm-up ones
-    in a throwaway run."""
+    """Seconds per training-loop iteration of ``cfg``, the median of ``steps`` timed by the
+    trainer's own benchmark mode in a throwaway run."""
     import dataclasses
 
     from dvae.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        pilot = dataclasses.replace(cfg, out_dir=tmp, progress=False, tensorboard=False,
-                                    eval_every=0, ckpt_every=0, log_every=10 ** 6)
+        pilot = dataclasses.replace(cfg, out_dir=tmp, progress=False, tensorboard=False)
         trainer = Trainer(pilot)
         try:
-            for _ in range(3):
-                trainer._train_one(_NullWindow(), _NullBar())
-            start = time.perf_counter()
-            for _ in range(steps):
-                trainer._train_one(_NullWindow(), _NullBar())
-            float(trainer.step_fn.skipped)  # the device has finished
-            return (time.perf_counter() - start) / steps
+            return trainer.benchmark(steps, warmup=3)["loop_ms"] / 1000
         finally:
             trainer.close()
-
-
-class _NullWindow:
-    def add(self, metrics, bad) -> None:
-        pass
-
-
-class _NullBar:
-    def update(self, n: int) -> None:
-        pass
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -16,6 +16,7 @@ training step runs and what the tests check against a float64 transcription of Â
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -120,6 +121,7 @@ def beta_elbo(logpx: torch.Tensor, entropy: torch.Tensor, vocab_size: int, beta:
 class DAPSTerms:
     """Everything one DAPS step computes (losses are 0-d tensors)."""
 
+    loss: torch.Tensor  # encoder + decoder + eta losses
     encoder_loss: torch.Tensor
     decoder_loss: torch.Tensor
     eta_loss: torch.Tensor
@@ -167,8 +169,6 @@ def daps_losses(logpx: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear
         L_enc = -(w.detach() * logq).sum() / N;  L_dec = -logpx.mean()
         L_eta = (ess.mean() - rho * K) ** 2
     """
-    import contextlib
-
     ph = phases if phases is not None else (lambda name: contextlib.nullcontext())
     precision = precision if precision is not None else contextlib.nullcontext
     N, K, L = tokens.shape
@@ -205,8 +205,9 @@ def daps_losses(logpx: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear
                                      backend=backend)
         l_dec = decoder_loss(logpx)
         l_eta = eta_loss(ess, ess_target, K) if eta_mode == "learned" else l_dec.new_zeros(())
+        loss = l_enc + l_dec + l_eta
         if backward:
-            (l_enc + l_dec + l_eta).backward()
-    return DAPSTerms(encoder_loss=l_enc, decoder_loss=l_dec, eta_loss=l_eta,
+            loss.backward()
+    return DAPSTerms(loss=loss, encoder_loss=l_enc, decoder_loss=l_dec, eta_loss=l_eta,
                      weights=weights.detach(), ess=ess.detach(), eta=eta.detach(), logq=logq,
                      entropy=entropy, rewards=rewards)

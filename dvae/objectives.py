@@ -90,10 +90,9 @@ class DAPSObjective(Objective):
             gather=st.gather_rows if st.distributed else None, phases=ph, backward=True)
         self._eta = terms.eta
         with torch.no_grad():
-            loss = terms.encoder_loss + terms.decoder_loss + terms.eta_loss
             elbo = daps.beta_elbo(terms.rewards, terms.entropy, raw.vocab_size, cfg.beta_end)
             return {
-                "loss": loss.detach(),
+                "loss": terms.loss.detach(),
                 "encoder_loss": terms.encoder_loss.detach(),
                 "decoder_loss": terms.decoder_loss.detach(),
                 "eta_loss": terms.eta_loss.detach(),

@@ -24,7 +24,7 @@ from torch import nn
 
 import dvae_kernels
 
-from . import daps, optim
+from . import optim
 from .objectives import make_objective
 from .profiling import Phases
 
@@ -172,9 +172,6 @@ class TrainStep:
         if self.use_amp and self.cfg.fp32_outputs:
             return torch.autocast(self.device.type, enabled=False)
         return self.autocast()
-
-    def beta(self, step: int) -> float:
-        return daps.beta_at(step, self.cfg.steps, self.cfg.beta_start, self.cfg.beta_end)
 
     def lr(self, step: int) -> float:
         """This step's learning rate: constant, or the reference's cosine decay to 0.1·lr

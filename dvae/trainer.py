@@ -33,7 +33,7 @@ from . import metrics
 from .config import RUN_CONTROL_KEYS, Config, changed_keys
 from .data import Batches, BatchStream, Preprocess, load_datasets, pixel_stats
 from .models import build_model
-from .models.autoencoder import CategoricalAutoencoder, LatentAutoencoder
+from .models.autoencoder import LatentAutoencoder
 from .profiling import Phases
 from .rundir import RunDir
 from .train_step import TrainStep
@@ -187,8 +187,7 @@ def evaluate(model: LatentAutoencoder, dataset, preprocess: Preprocess, cfg: Con
         codes = model.encode_codes(x, generator=g)
         params = model.decode_codes(codes)
         logpx = model.likelihood.log_prob(params, x)
-        kl = (model.kl_uniform(x, codes, backend=cfg.kernel_backend)
-              if isinstance(model, CategoricalAutoencoder) else None)
+        kl = model.kl_uniform(x, codes, backend=cfg.kernel_backend)
         recon = model.to_pixels(model.likelihood.mean(params))
         target = preprocess.target_pixels(x01)
         if rfid is not None:
@@ -530,6 +529,12 @@ class Trainer:
         step_ms = 1e3 * statistics.median(bare)
         return {"loop_ms": loop_ms, "step_ms": step_ms, "loop_over_step": loop_ms / step_ms}
 
+    def _all_agree(self, flag: bool) -> bool:
+        """True on every rank when it is true on any."""
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def _check_diverged(self) -> None:
         worst = int(self._max_consecutive.item())
         if worst >= MAX_CONSECUTIVE_SKIPS:
@@ -552,10 +557,10 @@ class Trainer:
             self._train_one(window, bar)
             over = time_budget is not None and (
                 self.train_seconds + time.perf_counter() - t0 >= time_budget)
-            if self.distributed and time_budget is not None:  # every rank stops together
-                flag = torch.tensor([float(over)], device=self.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                over = bool(flag.item())
+            if self.distributed and time_budget is not None:
+                # every rank stops together; agreed at log intervals only (a collective and a
+                # host read per step would stall the device)
+                over = self.step % cfg.log_every == 0 and self._all_agree(over)
             done = self.step == end or over
             log_now = self.step % cfg.log_every == 0 or done
             if log_now:

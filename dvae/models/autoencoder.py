@@ -65,7 +65,8 @@ class LatentAutoencoder(nn.Module):
         """codes [B, L] -> likelihood parameters [B, C*m, H, W]."""
         raise NotImplementedError
 
-    def kl_uniform(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor | None:
+    def kl_uniform(self, x: torch.Tensor, codes: torch.Tensor,
+                   backend: str | None = None) -> torch.Tensor | None:
         """``KL(q(z|x) ‖ uniform)`` per image along ``codes`` [N, L] (summed over positions),
         or None where q is not a distribution (VQ-VAE, FSQ)."""
         return None

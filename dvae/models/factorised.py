@@ -22,7 +22,6 @@ from torch import nn
 
 from . import init
 from .encoder import (
-    CrossAttention,
     EncoderBlock,
     SelfAttention,
     at_least_fp32,
@@ -73,8 +72,6 @@ class FactorisedEncoder(nn.Module):
                     nn.init.zeros_(m.bias)
             if isinstance(m, SelfAttention):
                 init.xavier_per_projection_(m.qkv.weight, 3)
-            elif isinstance(m, CrossAttention):  # pragma: no cover - none here
-                init.xavier_per_projection_(m.kv.weight, 2)
         init.lecun_normal_(self.patch_proj)
         if self.head is not None:
             init.lecun_normal_(self.head)
@@ -88,10 +85,10 @@ class FactorisedEncoder(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[N, L, V]`` float32 logits of q(z_l|x) from :meth:`encode`'s output."""
+        if not self.fp32_head:
+            return at_least_fp32(self.head(hidden))
         with torch.autocast(hidden.device.type, enabled=False):
-            if self.fp32_head:
-                return self.head(at_least_fp32(hidden))
-        return at_least_fp32(self.head(hidden))
+            return self.head(at_least_fp32(hidden))
 
     def teacher_forced(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``[N, K, L, d]``: the hidden states of each image for each of its K sequences (a
