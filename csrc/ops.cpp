@@ -14,6 +14,18 @@ TORCH_LIBRARY(dvae_kernels_C, m) {
   // -> (loss [R] = -w·logp float32, grad [R, V] = w·(softmax - onehot) or an empty [0]).
   m.def("weighted_token_nll_fwd(Tensor logits, Tensor tokens, Tensor weights, "
         "bool compute_grad) -> (Tensor, Tensor)");
+  // logits [R, V] (unit column stride) plus bias [V] float32 (or none), seeds int64 [2] ->
+  // (tokens int64 [R], logp float32 [R]): rows row0 .. row0 + R of the random stream of
+  // dvae_kernels/sample_tokens.py. CPU only (on CUDA the Triton kernels serve).
+  m.def("sample_tokens_fwd(Tensor logits, Tensor? bias, Tensor seeds, float temperature, "
+        "int row0) -> (Tensor, Tensor)");
+  // q [B, H, T, D], k and v [B, H, S, D] float32 (unit stride along D) -> (out [B, H, T, D]
+  // (stored [B, T, H, D]), lse [B, H, T]): softmax(scale·q·kᵀ)·v, causal = key j <= query t.
+  // CPU only (dvae/models/fused.py's ``attention``).
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) "
+        "-> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "bool causal, float scale) -> (Tensor, Tensor, Tensor)");
   // rewards, logq [N, K] float32; beta, eta 0-d float32 -> (weights [N, K], ess [N]).
   m.def("daps_weights_fwd(Tensor rewards, Tensor logq, Tensor beta, Tensor eta) "
         "-> (Tensor, Tensor)");

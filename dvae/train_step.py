@@ -24,7 +24,7 @@ from torch import nn
 
 import dvae_kernels
 
-from . import optim
+from . import host_memory, optim
 from .objectives import make_objective
 from .profiling import Phases
 
@@ -133,6 +133,8 @@ class TrainStep:
         self.generator = generator
         device = next(self.raw.parameters()).device
         self.device = device
+        if device.type == "cpu":  # the step's large tensors reuse freed heap (host_memory)
+            host_memory.keep_freed_memory()
         self.phases = phases or Phases(False, device)
         self.distributed = distributed
         learned_eta = cfg.method in ("daps", "daps_na") and cfg.eta_mode == "learned"
@@ -182,12 +184,24 @@ class TrainStep:
         return self.cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     def sampler(self):
-        """The per-position sampler the KV-cache loop calls: dvae_kernels' fused
-        ``linear_sample_tokens`` on the fused path, else the encoder's own."""
-        if not self.fused:
-            return None  # the encoder's own Gumbel-max sampler on the materialised logits
+        """The per-position sampler the KV-cache loop calls, drawing from the counter-based
+        stream every dvae_kernels backend shares (so paths and devices draw the same tokens
+        for a seed, up to the logits' rounding): ``linear_sample_tokens`` on the fused path and
+        on a CPU (whose backend is the logits path itself: an MKL matmul, then the C++ sampling
+        kernel, which adds the bias as it reads each row); on the logits path on a GPU, the
+        head's logits, then ``sample_tokens``. With ``kernel_backend=torch`` (the plain-PyTorch
+        baseline) off the fused path: the encoder's own Gumbel-max over ``torch.rand``."""
         head = self.raw.encoder.head
         backend = self.cfg.kernel_backend
+        if not self.fused and backend == "torch":
+            return None
+        if not self.fused and self.device.type != "cpu":
+
+            def sample_logits(h, g):
+                with self.fp32():
+                    logits = head(h.float() if self.cfg.fp32_outputs else h)
+                return dvae_kernels.sample_tokens(logits, generator=g, backend=backend)
+            return sample_logits
         # With fp32_outputs the head runs in float32 (autocast off), as in the reference, on
         # the float32 output of the final LayerNorm: the proposal is the q in the weights.
         # Otherwise in the autocast dtype, its weight and bias cast here once per step, not

@@ -85,8 +85,8 @@ class TrainingDiverged(ValueError):
 
 def check_kernel_backend(cfg: Config, device: torch.device) -> None:
     """Refuse, before any work, a ``kernel_backend`` that cannot serve every op the run calls
-    on ``device`` (e.g. ``cuda`` on a CPU, or ``cpu`` with ``fused_linear=always``: the cpu
-    backend has no fused sampler)."""
+    on ``device`` (e.g. ``cuda`` on a CPU, or ``cuda`` on the logits path: the cuda backend has
+    no sampler)."""
     import importlib
 
     from dvae_kernels import _dispatch
@@ -98,7 +98,10 @@ def check_kernel_backend(cfg: Config, device: torch.device) -> None:
                                              and device.type == "cuda")
     ops = ["daps_weights", "linear_token_logprobs"]
     ops += ["solve_eta"] if cfg.eta_mode == "solved" else []
-    ops += ["linear_sample_tokens"] if fused else ["token_logprobs", "weighted_token_nll"]
+    ops += [] if fused else ["token_logprobs", "weighted_token_nll"]
+    # the sampler (dvae.train_step.TrainStep.sampler): the torch baseline's off the fused path
+    if fused or backend != "torch":
+        ops += ["linear_sample_tokens" if fused or device.type == "cpu" else "sample_tokens"]
     unavailable = _dispatch.backend_unavailable(backend, device)
     if unavailable:
         raise ValueError(f"kernel_backend={backend} cannot run on device {device}: "

@@ -14,6 +14,8 @@ import torch
 
 from . import _csrc
 from .daps_weights import register_backend as _register_daps_weights
+from .linear_sample_tokens import register_backend as _register_linear_sample_tokens
+from .sample_tokens import register_backend as _register_sample_tokens
 from .solve_eta import register_backend as _register_solve_eta
 from .token_logprobs import register_backend as _register_token_logprobs
 from .weighted_token_nll import register_backend as _register_weighted_token_nll
@@ -118,6 +120,45 @@ def _linear_supports(hidden, weight, tokens, bias) -> str | None:
 
 
 _ltl.register_backend("cpu", _linear_forward, _linear_backward, _linear_supports)
+
+
+# ------------------------------------------------------ sample_tokens, linear_sample_tokens (cpu)
+# The C++ kernel draws the stream's tokens in one pass per row (the torch backend's up to the
+# log's last ulp). linear_sample_tokens: the torch backend's chunks of logits (one MKL matmul
+# each, without the bias, which the kernel adds as it reads a row), each sampled at its rows of
+# the stream. CPU only: on CUDA the Triton kernels serve.
+
+
+def _sample_tokens_forward(logits, seeds, temperature: float):
+    return _csrc.ops().sample_tokens_fwd(logits, None, seeds, temperature, 0)
+
+
+def _sample_tokens_supports(logits) -> str | None:
+    return _refuse_float64("logits", logits)
+
+
+def _linear_sample_forward(hidden, weight, bias, seeds, temperature: float):
+    N = hidden.shape[0]
+    tokens = torch.empty(N, dtype=torch.int64, device=hidden.device)
+    logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        w, b = _ltl._acc_params(weight, bias)
+        step = _ltl.chunk_rows(weight.shape[0])
+        for r0 in range(0, N, step):
+            # the matmul without the bias; the kernel adds it as it reads each row
+            x = _ltl._torch_logits(hidden[r0:r0 + step], w, None)
+            t, lp = _csrc.ops().sample_tokens_fwd(x, b, seeds, temperature, r0)
+            tokens[r0:r0 + step] = t
+            logp[r0:r0 + step] = lp
+    return tokens, logp
+
+
+def _linear_sample_supports(hidden, weight, bias) -> str | None:
+    return _refuse_float64("hidden", hidden)
+
+
+_register_sample_tokens("cpu", _sample_tokens_forward, _sample_tokens_supports)
+_register_linear_sample_tokens("cpu", _linear_sample_forward, _linear_sample_supports)
 
 for _name in _NATIVE:
     _register_token_logprobs(_name, _token_logprobs_forward, _token_logprobs_backward,

@@ -42,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from . import _dispatch, _validate
+from . import _autotune, _dispatch, _validate
 from ._triton import HAS_TRITON, INTERPRET, next_power_of_2, target_capability, tl, triton
 
 if HAS_TRITON:
@@ -401,14 +401,39 @@ def _block_d(D: int) -> int:
     return max(16, min(MAX_BLOCK_D, next_power_of_2(D)))
 
 
-# Forward tiles (rows, vocabulary, hidden slice, warps). Overridable for the static report's
-# exploration; one configuration everywhere (the interpreter runs one).
-FWD_CONFIG = (128, 128, 64, 8)
+# Forward tiles. The vocabulary tile and the hidden slice are fixed (they set the order of the
+# per-row sums); the rows per program, warps and pipeline stages are chosen at run time among
+# FWD_CANDIDATES that fit the architecture's shared memory (dvae_kernels/_autotune.py). On
+# tensor cores each output's hidden slice is summed in an order that depends on none of these,
+# so the candidates should return the same bits (tests/test_autotune.py checks it on a GPU;
+# the interpreter's numpy matmul agrees only to rounding across row counts). The first fitting
+# candidate is the static report's (bench.static) and the interpreter's.
+FWD_BLOCK_V = 128
+FWD_BLOCK_D = 64
+#: (BLOCK_N, num_warps, num_stages), in order of preference
+FWD_CANDIDATES = ((128, 8, 3), (128, 8, 4), (64, 4, 3), (64, 4, 4), (128, 4, 3), (256, 8, 3),
+                  (256, 8, 2), (64, 4, 2))
+FWD_TUNER = _autotune.Tuner("linear_token_logprobs_fwd")
 
 
-def _fwd_config(D: int) -> tuple[int, int, int, int]:
-    bn, bv, bd, warps = FWD_CONFIG
-    return bn, bv, max(16, min(bd, next_power_of_2(D))), warps
+def _fwd_block_d(D: int) -> int:
+    return max(16, min(FWD_BLOCK_D, next_power_of_2(D)))
+
+
+def fwd_smem_bytes(config: tuple[int, int, int], D: int, itemsize: int) -> int:
+    """Shared memory of a forward candidate: its pipeline stages of an h tile
+    [BLOCK_N, BLOCK_D] and a W tile [BLOCK_D, BLOCK_V] (the float32 logits tile stays in
+    registers)."""
+    bn, _, stages = config
+    return stages * (bn + FWD_BLOCK_V) * _fwd_block_d(D) * itemsize
+
+
+def fwd_candidates(capability: int | None, D: int, dtype: torch.dtype
+                   ) -> list[tuple[int, int, int]]:
+    """The forward candidates that fit ``capability``'s shared memory, in preference order."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return _autotune.fitting(FWD_CANDIDATES, lambda c: fwd_smem_bytes(c, D, itemsize),
+                             capability)
 
 
 def _dot_config(dtype: torch.dtype) -> tuple[bool, str]:
@@ -429,13 +454,21 @@ def _triton_forward(hidden, weight, tokens, bias):
     if N == 0:
         return logp, lse, ent
     dot_fp32, precision = _dot_config(hidden.dtype)
-    bn, bv, bd, warps = _fwd_config(D)
-    _linear_token_logprobs_fwd_kernel[(triton.cdiv(N, bn),)](
-        hidden, weight, bias if bias is not None else weight, tokens, logp, lse, ent,
-        N, V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd,
-        DOT_FP32=dot_fp32, PRECISION=precision, EVEN_V=V % bv == 0, num_warps=warps,
-    )
+    bd = _fwd_block_d(D)
+    cap = target_capability(hidden.device)
+
+    def launch(config: tuple[int, int, int]) -> None:
+        bn, warps, stages = config
+        _linear_token_logprobs_fwd_kernel[(triton.cdiv(N, bn),)](
+            hidden, weight, bias if bias is not None else weight, tokens, logp, lse, ent,
+            N, V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_V=FWD_BLOCK_V, BLOCK_D=bd,
+            DOT_FP32=dot_fp32, PRECISION=precision, EVEN_V=V % FWD_BLOCK_V == 0,
+            num_warps=warps, num_stages=stages,
+        )
+
+    key = (cap, hidden.dtype, bias is not None, D, *_autotune.shape_class(N, V))
+    launch(FWD_TUNER.pick(key, fwd_candidates(cap, D, hidden.dtype), launch, hidden.device))
     return logp, lse, ent
 
 

@@ -15,7 +15,7 @@ from dvae_kernels.sample_tokens import sample_tokens, torch_gumbel, torch_row_ke
 
 # The backends of these ops that run on the test device (DVAE_TEST_DEVICE: the CPU here, with
 # Triton through its interpreter; CUDA on a GPU machine).
-BACKENDS = [b for b in available_backends() if b in ("torch", "triton")]
+BACKENDS = [b for b in available_backends() if b in ("torch", "triton", "cpu")]
 
 # The interpreter evaluates log(0) and inf - inf for the padding rows of a tile (masked out
 # before the store); numpy warns about them.

@@ -29,6 +29,7 @@ from torch import nn
 
 from . import fused, init
 from .fused import (
+    attention,
     compute_dtype,
     decode_attention,
     embed_add_layer_norm,
@@ -62,6 +63,8 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(ratio * d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # not in place: fc1's output of a 3-D input is a view, and autograd would copy the
+        # slices back in the backward
         return self.fc2(F.relu(self.fc1(x)))
 
 
@@ -86,8 +89,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        y = F.scaled_dot_product_attention(_heads(q, self.heads), _heads(k, self.heads),
-                                           _heads(v, self.heads), is_causal=causal)
+        y = attention(_heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads),
+                      causal)
         return self.out(_merge(y))
 
     def step(self, x: torch.Tensor, kv_cache: torch.Tensor, t: int,
@@ -123,7 +126,7 @@ class CrossAttention(nn.Module):
 
     def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The attention before the output projection, heads merged: [N, S, d]."""
-        return _merge(F.scaled_dot_product_attention(_heads(self.q(x), self.heads), k, v))
+        return _merge(attention(_heads(self.q(x), self.heads), k, v))
 
 
 class EncoderBlock(nn.Module):
@@ -184,7 +187,7 @@ class DecoderBlock(nn.Module):
             w1, b1 = c[3]
             hidden = torch._addmm_activation(b1, xn.view(NK, d), w1.t()).view(NK, 1, -1)
         else:
-            hidden = F.relu(self.mlp.fc1(xn))
+            hidden = F.relu(self.mlp.fc1(xn), inplace=True)  # no gradient here
         return linear_add_layer_norm(hidden, self.mlp.fc2, x, next_ln,
                                      next_dtype or out_dtype, c[2])
 
@@ -401,7 +404,7 @@ class ARTransformerEncoder(nn.Module):
         cache.append((_heads(k, h), _heads(v, h)))
         keys = torch.cat([c[0] for c in cache], dim=2)
         values = torch.cat([c[1] for c in cache], dim=2)
-        y = F.scaled_dot_product_attention(_heads(q, h), keys, values)
+        y = attention(_heads(q, h), keys, values)
         x = x + block.self_attn.out(_merge(y))
         x = x + block.cross_attn(block.ln2(x), mem_k, mem_v)
         return x + block.mlp(block.ln3(x))

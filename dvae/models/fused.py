@@ -22,9 +22,15 @@ and the LayerNorm after it, one kernel::
 
 (the projection stays in float32 until the add: no rounding to bf16 in between).
 
-The CPU (and any device without Triton) runs exactly those PyTorch lines, so the CPU path's
-numbers do not change. Triton is used for CUDA tensors, or for CPU tensors through the
-interpreter when :data:`FORCE_TRITON` is set (the tests).
+``attention``: ``F.scaled_dot_product_attention(q, k, v, is_causal=causal)`` of the
+transformers' small heads; on the CPU (float32, the C++ extension built) one C++ kernel forward
+and one backward (csrc/cpu/attention.cpp), which at these sizes (head size 16, 8-64 positions)
+cost a fraction of PyTorch's CPU flash-attention kernel; the same numbers up to float32
+rounding.
+
+Otherwise the CPU (and any device without Triton) runs exactly the PyTorch lines above.
+Triton is used for CUDA tensors, or for CPU tensors through the interpreter when
+:data:`FORCE_TRITON` is set (the tests).
 """
 
 from __future__ import annotations
@@ -302,6 +308,8 @@ def decode_attention(q: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tens
         kv_cache[:, :, :, t] = kv_new.transpose(0, 1)
         k, v = kv_cache[0, :, :, :t + 1], kv_cache[1, :, :, :t + 1]
         if q.device.type == "cpu":
+            if _use_cpu_attention(q, k, v):  # the C++ kernel: one pass per (row, head)
+                return _cpu_attention_op(q[:, :, None], k, v, False, DH ** -0.5)[0][:, :, 0]
             # One query per (row, head) over at most L slots: two einsums beat the CPU's
             # flash-attention kernel, whose per-(row, head) setup dominates at these sizes
             # (B=2048, h=4, dh=16: 0.26 against 1.66 ms at t=0, equal at t=7).
@@ -316,6 +324,85 @@ def decode_attention(q: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tens
     if kv_new.stride(-1) != 1:
         kv_new = kv_new.contiguous()
     return _decode_attention_op(q, kv_new, kv_cache, t_device)
+
+
+@torch.library.custom_op("dvae::cpu_attention", mutates_args=())
+def _cpu_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, h, T, dh], k/v [B, h, S, dh] float32 CPU (unit stride along dh) -> (out
+    [B, h, T, dh] stored as [B, T, h, dh], lse [B, h, T])."""
+    return torch.ops.dvae_kernels_C.attention_fwd(q, k, v, causal, scale)
+
+
+@_cpu_attention_op.register_fake
+def _(q, k, v, causal, scale):
+    B, H, T, D = q.shape
+    return q.new_empty((B, T, H, D)).transpose(1, 2), q.new_empty((B, H, T))
+
+
+def _cpu_attention_setup(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, *output)
+
+
+@torch.library.custom_op("dvae::cpu_attention_backward", mutates_args=())
+def _cpu_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                               v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                               causal: bool, scale: float
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv), each stored as [B, T, h, dh] (the layout of the forward's output)."""
+    return torch.ops.dvae_kernels_C.attention_bwd(grad_out, q, k, v, out, lse, causal, scale)
+
+
+@_cpu_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, causal, scale):
+    def like(t):
+        B, H, T, D = t.shape
+        return t.new_empty((B, T, H, D)).transpose(1, 2)
+    return like(q), like(k), like(v)
+
+
+def _cpu_attention_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    dq, dk, dv = _cpu_attention_backward_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_cpu_attention_op.register_autograd(_cpu_attention_backward, setup_context=_cpu_attention_setup)
+
+
+def _use_cpu_attention(*ts: torch.Tensor) -> bool:
+    if FORCE_TRITON or torch.is_autocast_enabled("cpu"):
+        return False
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1
+               for t in ts):
+        return False
+    import dvae_kernels._csrc as csrc  # late: dvae_kernels loads the extension at import
+
+    return csrc.unavailable("cpu") is None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              causal: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, is_causal=causal)`` (default scale
+    ``dh**-0.5``; causal: query t sees keys 0..t), through the C++ kernel on the CPU (module
+    docstring), else SDPA.
+
+    Args:
+        q: ``[B, h, T, dh]``.
+        k, v: ``[B, h, S, dh]``, S >= 1.
+
+    Returns:
+        ``[B, h, T, dh]``, differentiable in ``q``, ``k`` and ``v``.
+    """
+    if (q.dim() == 4 and k.dim() == 4 and k.shape == v.shape and k.shape[2] >= 1
+            and q.shape[:2] == k.shape[:2] and q.shape[3] == k.shape[3]
+            and _use_cpu_attention(q, k, v)):
+        return _cpu_attention_op(q, k, v, causal, q.shape[-1] ** -0.5)[0]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 @torch.library.custom_op("dvae::add_layer_norm", mutates_args=())
