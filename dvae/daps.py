@@ -34,53 +34,6 @@ def beta_at(step: int, total_steps: int, beta_start: float, beta_end: float) -> 
     return beta_start * (beta_end / beta_start) ** frac
 
 
-def token_stats(hidden: torch.Tensor, head: torch.nn.Linear, tokens: torch.Tensor, *,
-                logits: torch.Tensor | None = None, backend: str | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log q and entropy from the teacher-forced pass, without gradient.
-
-    Args:
-        hidden: ``[N, K, L, d]`` teacher-forced hidden states.
-        head: the output layer (V x d).
-        tokens: ``[N, K, L]``.
-        logits: ``head(hidden)`` if already materialised (then the logits path is used).
-
-    Returns:
-        ``(logp [N, K, L], entropy [N, K, L])`` float32, detached. Uses the fused
-        ``linear_token_logprobs`` (never materialising ``[N, K, L, V]``) when ``logits`` is
-        not given.
-    """
-    with torch.no_grad():
-        if logits is None:
-            return dvae_kernels.linear_token_logprobs(hidden, head.weight, tokens, head.bias,
-                                                      return_entropy=True, backend=backend)
-        return dvae_kernels.token_logprobs(logits.detach(), tokens, return_entropy=True,
-                                           backend=backend)
-
-
-def encoder_loss(hidden: torch.Tensor, head: torch.nn.Linear, tokens: torch.Tensor,
-                 weights: torch.Tensor, *, logits: torch.Tensor | None = None,
-                 backend: str | None = None) -> torch.Tensor:
-    """``L_enc = −(1/N) Σ_ik sg(w_ik) Σ_l log q(z_ikl | z_ik<l, x_i)``.
-
-    Args:
-        hidden: ``[N, K, L, d]`` (differentiable).
-        head: the output layer.
-        tokens: ``[N, K, L]``.
-        weights: ``[N, K]`` DAPS importance weights (treated as constants).
-        logits: ``head(hidden)`` if already materialised.
-    """
-    N = tokens.shape[0]
-    w = weights.detach()[..., None]
-    if logits is None:
-        total = dvae_kernels.linear_weighted_token_nll(hidden, head.weight, tokens, w, head.bias,
-                                                       reduction="sum", backend=backend)
-    else:
-        total = dvae_kernels.weighted_token_nll(logits, tokens, w, reduction="sum",
-                                                backend=backend)
-    return total / N
-
-
 def decoder_loss(logpx: torch.Tensor) -> torch.Tensor:
     """``L_dec = −mean_ik log p(x_i|z_ik)`` over ``logpx [N, K]`` (unweighted)."""
     return -logpx.mean()
@@ -149,9 +102,9 @@ def daps_losses(logpx: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear
         log_eta: 0-d; a parameter when ``eta_mode="learned"``.
         beta: this step's entropy weight.
         ess_target: ρ, the target mean ESS as a fraction of K.
-        use_logits: materialise the logits (``head(hidden)``, then the logits ops); else one
-            fused ``linear_token_logprobs`` pass, kept differentiable, whose log-probabilities
-            the encoder loss weighs (no second pass over the vocabulary).
+        use_logits: materialise the logits (``head(hidden)``, then ``token_logprobs``); else
+            one fused ``linear_token_logprobs`` pass. Either is kept differentiable and the
+            encoder loss weighs its log-probabilities (no second pass over the vocabulary).
         fp32: the head in float32 on float32 hidden states (``Config.fp32_outputs``), inside
             ``precision`` (a context that turns autocast off; default none).
         gather: ``f(rewards, logq) -> (all_rewards, all_logq, rows)``: the global batch's
@@ -175,16 +128,16 @@ def daps_losses(logpx: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear
     with ph("teacher_forced"):
         hidden = hidden.float() if fp32 else hidden
         with precision():
+            # One pass over the vocabulary, kept differentiable: the encoder loss weighs these
+            # log-probabilities (its gradient is one backward pass of the same op).
             if use_logits:
-                logits = head(hidden)
-                logp_tok, entropy = token_stats(hidden, head, tokens, logits=logits,
-                                                backend=backend)
+                logp_tok, entropy = dvae_kernels.token_logprobs(
+                    head(hidden), tokens, return_entropy=True, backend=backend)
             else:
-                logits = None
                 logp_tok, entropy = dvae_kernels.linear_token_logprobs(
                     hidden, head.weight, tokens, head.bias, return_entropy=True,
                     backend=backend)
-                entropy = entropy.detach()
+            entropy = entropy.detach()
         logq = logp_tok.detach().sum(-1)
     with ph("weights"):
         rewards = logpx.detach().float()
@@ -197,12 +150,9 @@ def daps_losses(logpx: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear
         weights = weights[rows]
     with ph("losses"):
         with precision():
-            if logits is None:
-                # = linear_weighted_token_nll(hidden, W, tokens, w[..., None]) / N
-                l_enc = -(weights.detach()[..., None] * logp_tok).sum() / N
-            else:
-                l_enc = encoder_loss(hidden, head, tokens, weights, logits=logits,
-                                     backend=backend)
+            # = weighted_token_nll(head(hidden), tokens, w[..., None]) / N (or its linear
+            # form), without a second pass over the vocabulary
+            l_enc = -(weights.detach()[..., None] * logp_tok).sum() / N
         l_dec = decoder_loss(logpx)
         l_eta = eta_loss(ess, ess_target, K) if eta_mode == "learned" else l_dec.new_zeros(())
         loss = l_enc + l_dec + l_eta

@@ -34,6 +34,8 @@ def _inputs(B, H, T, S, D, *, layout="bhtd", seed=0):
     (2, 2, 3, 1, 16, False),     # one key
     (1, 2, 20, 20, 32, True),    # more than one vector of keys
     (2, 2, 0, 3, 16, False),     # no queries
+    (4, 2, 1, 6, 16, False),     # one query: the decode step's path (no transpose)
+    (3, 2, 1, 11, 13, True),     # one causal query sees key 0 only
 ])
 @pytest.mark.parametrize("layout", ["bhtd", "bthd"])
 def test_forward_and_backward_against_float64(B, H, T, S, D, causal, layout):

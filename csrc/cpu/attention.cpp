@@ -88,7 +88,8 @@ inline void axpy(float c, const float* x, float* y, int64_t D) {
 // multiply-adds of a broadcast query element, with no horizontal sums.
 inline void transpose_rows(const float* src, int64_t rs, int64_t S, int64_t D, int64_t S8,
                            float* dst) {
-  std::fill(dst, dst + D * S8, 0.f);
+  if (S8 > S)  // only the padding columns need zeros
+    for (int64_t d = 0; d < D; ++d) std::fill(dst + d * S8 + S, dst + (d + 1) * S8, 0.f);
   for (int64_t j = 0; j < S; ++j)
     for (int64_t d = 0; d < D; ++d) dst[d * S8 + j] = src[j * rs + d];
 }
@@ -190,10 +191,18 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
       const int64_t b = bh / H, h = bh % H;
       const float* qb = qp + qs.at(b, h);
       const float* vb = vp + vs.at(b, h);
-      transpose_rows(kp + ks.at(b, h), ks.s2, S, D, S8, kt.data());
+      // one query (the decode step): its scores as dot products, no transpose to amortise
+      const bool single = T == 1;
+      if (!single) transpose_rows(kp + ks.at(b, h), ks.s2, S, D, S8, kt.data());
       for (int64_t t = 0; t < T; ++t) {
         const int64_t n = causal ? std::min(t + 1, S) : S;
-        row_times(qb + t * qs.s2, kt.data(), D, S8, n, sc, p.data());
+        if (single) {
+          const float* kb = kp + ks.at(b, h);
+          for (int64_t j = 0; j < S8; ++j)
+            p[j] = j < n ? sc * dot(qb + t * qs.s2, kb + j * ks.s2, D) : kNegInf;
+        } else {
+          row_times(qb + t * qs.s2, kt.data(), D, S8, n, sc, p.data());
+        }
         const float m = max_row(p.data(), S8);
         const float l = exp_inplace(p.data(), S8, m);
         std::fill(acc.begin(), acc.end(), 0.f);
