@@ -14,7 +14,6 @@ import torch
 
 from . import _csrc
 from .daps_weights import register_backend as _register_daps_weights
-from .linear_sample_tokens import register_backend as _register_linear_sample_tokens
 from .sample_tokens import register_backend as _register_sample_tokens
 from .solve_eta import register_backend as _register_solve_eta
 from .token_logprobs import register_backend as _register_token_logprobs
@@ -85,6 +84,7 @@ def _rewards_supports(rewards, logq) -> str | None:
 
 # The module, not the function of the same name that the package namespace binds.
 _ltl = importlib.import_module("dvae_kernels.linear_token_logprobs")
+_lst = importlib.import_module("dvae_kernels.linear_sample_tokens")
 
 
 def _linear_row_stats(x, tok):
@@ -138,19 +138,10 @@ def _sample_tokens_supports(logits) -> str | None:
 
 
 def _linear_sample_forward(hidden, weight, bias, seeds, temperature: float):
-    N = hidden.shape[0]
-    tokens = torch.empty(N, dtype=torch.int64, device=hidden.device)
-    logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
-    with torch.autocast(hidden.device.type, enabled=False):
-        w, b = _ltl._acc_params(weight, bias)
-        step = _ltl.chunk_rows(weight.shape[0])
-        for r0 in range(0, N, step):
-            # the matmul without the bias; the kernel adds it as it reads each row
-            x = _ltl._torch_logits(hidden[r0:r0 + step], w, None)
-            t, lp = _csrc.ops().sample_tokens_fwd(x, b, seeds, temperature, r0)
-            tokens[r0:r0 + step] = t
-            logp[r0:r0 + step] = lp
-    return tokens, logp
+    def sample_rows(x, b, s, row0, t):
+        return _csrc.ops().sample_tokens_fwd(x, b, s, t, row0)
+    return _lst.chunked_forward(sample_rows, hidden, weight, bias, seeds, temperature,
+                                bias_in_sampler=True)
 
 
 def _linear_sample_supports(hidden, weight, bias) -> str | None:
@@ -158,7 +149,7 @@ def _linear_sample_supports(hidden, weight, bias) -> str | None:
 
 
 _register_sample_tokens("cpu", _sample_tokens_forward, _sample_tokens_supports)
-_register_linear_sample_tokens("cpu", _linear_sample_forward, _linear_sample_supports)
+_lst.register_backend("cpu", _linear_sample_forward, _linear_sample_supports)
 
 for _name in _NATIVE:
     _register_token_logprobs(_name, _token_logprobs_forward, _token_logprobs_backward,

@@ -56,19 +56,31 @@ if HAS_TRITON:
 # ---------------------------------------------------------------------------------------------
 
 
-def _torch_forward(hidden, weight, bias, seeds, temperature: float):
+def chunked_forward(sample_rows, hidden, weight, bias, seeds, temperature: float, *,
+                    bias_in_sampler: bool = False):
+    """Chunks of logits (one matmul each, float32 accumulation) sampled by
+    ``sample_rows(x [C, V], b, seeds, row0, temperature) -> (tokens, logp)`` at their rows of
+    the stream; ``b`` is the bias when ``bias_in_sampler`` (the matmul then leaves it out),
+    else None. Shared by the torch and the cpu backends."""
     N = hidden.shape[0]
     tokens = torch.empty(N, dtype=torch.int64, device=hidden.device)
     logp = torch.empty(N, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
         w, b = _acc_params(weight, bias)
+        if bias_in_sampler and b is not None:
+            b = b.contiguous()
         step = chunk_rows(weight.shape[0])
         for r0 in range(0, N, step):
-            x = _torch_logits(hidden[r0:r0 + step], w, b)
-            t, lp = torch_sample_rows(x, seeds, r0, temperature)
+            x = _torch_logits(hidden[r0:r0 + step], w, None if bias_in_sampler else b)
+            t, lp = sample_rows(x, b if bias_in_sampler else None, seeds, r0, temperature)
             tokens[r0:r0 + step] = t
             logp[r0:r0 + step] = lp
     return tokens, logp
+
+
+def _torch_forward(hidden, weight, bias, seeds, temperature: float):
+    return chunked_forward(lambda x, _b, s, r0, t: torch_sample_rows(x, s, r0, t), hidden,
+                           weight, bias, seeds, temperature)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,11 +43,12 @@ inline float stream_u(uint32_t key, uint32_t col) {
   return (static_cast<float>(mix32(key ^ col) >> 9) + 0.5f) * kUScale;
 }
 
-inline void add_inplace(float* x, const float* b, int64_t n) {
+// out = x + b over n values (out may be x).
+inline void add_to(const float* x, const float* b, float* out, int64_t n) {
   constexpr int64_t W = Vec::size();
   int64_t i = 0;
-  for (; i + W <= n; i += W) (Vec::loadu(x + i) + Vec::loadu(b + i)).store(x + i);
-  for (; i < n; ++i) x[i] += b[i];
+  for (; i + W <= n; i += W) (Vec::loadu(x + i) + Vec::loadu(b + i)).store(out + i);
+  for (; i < n; ++i) out[i] = x[i] + b[i];
 }
 
 struct Draw {
@@ -227,8 +228,7 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_fwd(const at::Tensor& logits,
       for (int64_t r = begin; r < end; ++r) {
         const float* x = as_float(base + r * stride, V, buf.data());
         if (has_bias) {  // the row plus the bias, in the row buffer (L1)
-          if (x != buf.data()) std::copy(x, x + V, buf.data());
-          add_inplace(buf.data(), bias_p, V);
+          add_to(x, bias_p, buf.data(), V);
           x = buf.data();
         }
         Draw d;

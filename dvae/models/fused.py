@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dvae_kernels import _csrc
+
 try:
     import triton
     import triton.language as tl
@@ -380,9 +382,7 @@ def _use_cpu_attention(*ts: torch.Tensor) -> bool:
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1
                for t in ts):
         return False
-    import dvae_kernels._csrc as csrc  # late: dvae_kernels loads the extension at import
-
-    return csrc.unavailable("cpu") is None
+    return _csrc.unavailable("cpu") is None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
