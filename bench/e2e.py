@@ -119,9 +119,10 @@ def run_case(make_step, preset: str, batch_size: int, K: int | None, providers: 
 
 def loop_overhead(preset: str, batch_size: int, K: int | None, device: torch.device,
                   steps: int, warmup: int, overrides: dict) -> dict:
-    """The trainer's own loop (``dvae.trainer.Trainer.benchmark``: next batch, preprocessing,
+    """The trainer's own loop (``dvae.bench_api.benchmark_loop``: next batch, preprocessing,
     the step, metric sums, the progress bar) against its bare step on a fixed batch, timed
     alternately in one run, on the preset's synthetic stand-in data."""
+    from dvae.bench_api import benchmark_loop
     from dvae.config import load_config
     from dvae.trainer import Trainer
 
@@ -136,7 +137,7 @@ def loop_overhead(preset: str, batch_size: int, K: int | None, device: torch.dev
             cfg = load_config(preset, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
                                        for k, v in values.items()])
             with Trainer(cfg) as trainer:
-                row.update(trainer.benchmark(steps, warmup))
+                row.update(benchmark_loop(trainer, steps, warmup))
         except Exception as exc:  # a result, not the end of the run
             row["status"] = f"error: {type(exc).__name__}: {str(exc).strip()[:200]}"
     return row

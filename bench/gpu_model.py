@@ -3,7 +3,7 @@
     python -m bench.gpu_model --preset imagenet256 [--gpu h100|h200|a100] [key=value ...]
                               [--json FILE] [--calibration FILE]
 
-It builds the preset's model and :class:`dvae.train_step.DAPSTrainStep` through dvae's own code,
+It builds the preset's model and :class:`dvae.train_step.TrainStep` through dvae's own code,
 runs one warm-up step (it creates the optimizer's state) and traces the next, steady-state step
 on fake tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes, no data, no device),
 recording every aten op and every ``dvae_kernels`` op with a ``TorchDispatchMode``. Each op is
@@ -24,11 +24,10 @@ Assumptions (each a choice a measurement can overturn; bench/README.md lists the
   (``fused_linear=always``), bf16 autocast (the CPU autocast lists; like CUDA's they cast
   linear, matmul, convolution and attention to bf16 and keep LayerNorm and softmax in fp32), and
   ``dvae_kernels`` dispatched to its Triton backend (the backend CUDA picks first), and the
-  grouped adaptive clipping (:class:`dvae.optim.AdaptiveClip` groups on CUDA only), and
-  dvae's own Triton kernels (``dvae::add_layer_norm``, ``dvae::linear_add_layer_norm``,
-  ``dvae::decode_attention``). Each
-  ``dvae_kernels``/``dvae`` op is one opaque op in the trace and is counted as the Triton
-  launches its implementation makes (:data:`CUSTOM_LAUNCHES`). The captured sampler
+  grouped adaptive clipping (:class:`dvae.optim.AdaptiveClip` groups on CUDA only), the
+  sampler's decoding kernels included (``add_layer_norm``, ``linear_add_layer_norm``,
+  ``decode_attention``). Each ``dvae_kernels`` op is one opaque op in the trace and is counted
+  as the Triton launches its implementation makes (:data:`CUSTOM_LAUNCHES`). The captured sampler
   (``sampler_graph``) is traced as its eager loop; its graph adds one copy of the images in and
   one of the tokens out per step.
 * **Launches.** Views and metadata ops (``view``, ``transpose``, ``slice``, ``detach``,
@@ -44,7 +43,7 @@ Assumptions (each a choice a measurement can overturn; bench/README.md lists the
   ``scalar_tensor``/``where`` ops of the trace, three kernels per call). Attention FLOPs are
   ``torch.utils.flop_counter``'s formulas (halved when causal: the kernels skip masked tiles);
   its bytes are q, k, v, mask and output once, so an attention over a whole static KV cache
-  reads the whole cache. ``dvae::decode_attention`` (the sampler's Triton kernel) reads the
+  reads the whole cache. ``dvae_kernels::decode_attention`` (the sampler's kernel) reads the
   ``t`` earlier slots of position ``t`` and writes slot ``t`` (t known here from the position
   counter of the trace; the kernel reads it from device memory).
 * **FLOPs** are counted for matmul-like ops only (mm, addmm, bmm, convolution and its backward,
@@ -192,9 +191,9 @@ CUSTOM_LAUNCHES = {
     "weighted_token_nll": _c_simple(1),
     "daps_weights": _c_simple(1),
     "solve_eta": _c_simple(2),  # full(eta_max) + the kernel
-    "decode_attention": _c_simple(1),  # dvae::decode_attention (dvae/models/fused.py)
-    "add_layer_norm": _c_simple(1),  # dvae::add_layer_norm (dvae/models/fused.py)
-    "linear_add_layer_norm": lambda args, out: (  # dvae::linear_add_layer_norm, likewise
+    "decode_attention": _c_simple(1),
+    "add_layer_norm": _c_simple(1),  # and embed_add_layer_norm
+    "linear_add_layer_norm": lambda args, out: (
         1, 2 * args[0].shape[0] * args[0].shape[1] * args[1].shape[0], _half(args[0])),
 }
 
@@ -235,7 +234,7 @@ def op_cost(func, args, kwargs, out, position: int | None) -> OpCost:
                                                  if id(t) not in in_ids)
     if name == "copy_":  # the destination is written, not read
         nbytes = footprint(args[1]) + footprint(args[0])
-    if ns in ("dvae_kernels", "dvae"):
+    if ns == "dvae_kernels":
         cost = CUSTOM_LAUNCHES.get(name)
         if cost is None:
             raise KeyError(f"bench.gpu_model has no launch count for {ns}::{name}; add it to "
@@ -353,25 +352,21 @@ def _cuda_like_dispatch() -> Iterator[None]:
     value of CPU scalars only, to check it; on CUDA it stays on the device)."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    from dvae.models import fused
     from dvae_kernels import _dispatch, _validate
 
-    original, original_scalar = _dispatch.backend_unavailable, _validate.scalar
-
-    def unavailable(name, device):
-        return None if name == "triton" else original(name, device)
+    original_scalar = _validate.scalar
 
     def scalar(name, value, device, **kw):
         if isinstance(value, FakeTensor):
             return value.to(device=device, dtype=torch.float32)
         return original_scalar(name, value, device, **kw)
 
-    _dispatch.backend_unavailable, _validate.scalar = unavailable, scalar
+    _validate.scalar = scalar
     try:
-        with fused.force_triton():  # dvae's own Triton kernels, as on CUDA
+        with _dispatch.as_if_cuda():
             yield
     finally:
-        _dispatch.backend_unavailable, _validate.scalar = original, original_scalar
+        _validate.scalar = original_scalar
 
 
 def trace_step(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Recorder, object]:
@@ -381,7 +376,7 @@ def trace_step(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> tupl
 
     from dvae.config import load_config
     from dvae.models import build_model
-    from dvae.train_step import DAPSTrainStep
+    from dvae.train_step import TrainStep
 
     cfg = load_config(preset, ["dataset=synthetic", "fused_linear=always",
                                "kernel_backend=triton", *overrides])
@@ -389,7 +384,7 @@ def trace_step(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> tupl
     hooks = _PhaseHooks(recorder)
     with _cuda_like_dispatch(), FakeTensorMode(allow_non_fake_inputs=True):
         model = build_model(cfg)
-        step = DAPSTrainStep(model, cfg, phases=hooks)
+        step = TrainStep(model, cfg, phases=hooks)
         step.use_amp = cfg.amp  # the CUDA path: bf16 autocast (here the CPU lists)
         if step.clipper is not None:
             step.clipper.grouped = True  # what AdaptiveClip picks on CUDA

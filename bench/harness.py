@@ -45,34 +45,18 @@ import torch
 
 import dvae_kernels
 from dvae_kernels import _dispatch
+from dvae_kernels.info import machine
 
 # ---------------------------------------------------------------------------------------------
 # 1. The machine
 # ---------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name (``/proc/cpuinfo``), or what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What ran the benchmark: names, versions, date, and how busy the machine was."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    base = machine()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    name = gpu or cpu_model()
+    name = gpu or base["cpu"]
     try:
         load = list(os.getloadavg())
     except OSError:
@@ -82,13 +66,13 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "slug": slug(name),
         "device": device.type,
         "gpu": gpu,
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
+        "cpu": base["cpu"],
+        "cpu_count": base["cores"],
         "torch_threads": torch.get_num_threads(),
         "loadavg": load,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "triton": triton_version,
+        "triton": base["triton"],
         "python": platform.python_version(),
         "dvae": dvae_kernels.__version__,
         "platform": platform.platform(),
@@ -269,7 +253,7 @@ class OpSpec:
     external: Callable[[torch.device], list[Provider]] = lambda device: []
     check: Callable[[dict, Any], str | None] | None = None
     # For a spec that is not one dvae_kernels function (a module's method, a composition):
-    # the callable taking ``backend=``, and the op whose SUPPORTS table lists its backends.
+    # the callable taking ``backend=``, and the registered op whose backends it runs on.
     op: Callable | None = None
     supports_of: str | None = None
 
@@ -813,15 +797,13 @@ def providers_for(spec: OpSpec, device: torch.device, compile_reference: bool = 
                   ) -> list[Provider]:
     """Every provider of ``spec`` on ``device``; those that cannot run carry the reason."""
     op = spec.resolve()
-    # The op's backend table (one file per op, DESIGN.md §2): a backend it lacks is absent, not
-    # an error.
-    table_module = (getattr(dvae_kernels, spec.supports_of).__module__ if spec.supports_of
-                    else getattr(op, "__module__", ""))
-    table = getattr(sys.modules.get(table_module), "SUPPORTS", None)
+    # The op's registered backends (dvae_kernels' registry): one it lacks is absent, not an
+    # error.
+    registered = _dispatch.OPS.get(spec.supports_of or spec.name)
     out = []
     for name in _dispatch.BACKENDS:
         reason = _dispatch.backend_unavailable(name, device)
-        if reason is None and table is not None and name not in table:
+        if reason is None and registered is not None and name not in registered.backends:
             reason = f"{spec.name} has no {name} implementation"
         if name == "triton" and device.type != "cuda":
             reason = "interpreted Triton (TRITON_INTERPRET=1) is a test vehicle; never timed"

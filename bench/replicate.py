@@ -53,13 +53,14 @@ def _pilot_seconds_per_step(cfg, steps: int = 20) -> float:
     trainer's own benchmark mode in a throwaway run."""
     import dataclasses
 
+    from dvae.bench_api import benchmark_loop
     from dvae.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         pilot = dataclasses.replace(cfg, out_dir=tmp, progress=False, tensorboard=False)
         trainer = Trainer(pilot)
         try:
-            return trainer.benchmark(steps, warmup=3)["loop_ms"] / 1000
+            return benchmark_loop(trainer, steps, warmup=3)["loop_ms"] / 1000
         finally:
             trainer.close()
 
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from dvae.config import load_config
-    from dvae.trainer import Trainer, machine
+    from dvae.trainer import Trainer
+    from dvae_kernels.info import machine
 
     out = args.out or f"runs/replicate/{args.preset}/{args.method}"
     base = ["progress=false", "eval_every=0", "ckpt_every=0", *overrides]

@@ -5,7 +5,8 @@ compiled code, without a GPU.
 
 Every Triton kernel is compiled exactly as a real launch specialises it
 (:mod:`dvae_kernels._specialize`: the op launchers run on ``meta`` tensors at the
-representative shapes of issue 9, and Triton's own binder derives 16-byte divisibility and
+representative shapes of :func:`representative_workloads`, and Triton's own binder derives
+16-byte divisibility and
 unit-stride constexprs from the arguments). For each launch the report reads registers,
 spills and shared memory (ptxas' own ``-v`` log of that compilation), disassembles the cubin
 (``cuobjdump -sass``, shipped with Triton) and counts its instruction mix, atomics and MMA
@@ -194,6 +195,12 @@ def _c(launch, name, default=None):
 def trips(launch, shape: dict) -> list[int]:
     """Loop trip counts by nesting depth (outermost first) for one launch."""
     name = launch.name
+    if name == "_add_layer_norm_kernel":  # one row per program, no loop
+        return []
+    if name == "_linear_add_layer_norm_kernel":  # the projection's K slices
+        return [_cdiv(shape["K"], _c(launch, "BLOCK_K", 1))]
+    if name == "_decode_attention_kernel":  # the cache's slots before t, BLOCK_S at a time
+        return [_cdiv(shape["t"], _c(launch, "BLOCK_S", 1))]
     V, D = shape.get("V", 1), shape.get("D", 1)
     bv, bd = _c(launch, "BLOCK_V", 1), _c(launch, "BLOCK_D", 1)
     if name.startswith("_linear_token_logprobs_bwd"):
@@ -217,6 +224,8 @@ def traffic(op: str, phase: str, shape: dict, launch, l2_bytes: int,
     it = {"bf16": 2, "fp16": 2, "fp32": 4}[shape["dtype"]]
     tb = 8  # int64 token ids
     fit = l2_bytes // 2
+    if op in ("add_layer_norm", "linear_add_layer_norm", "decode_attention"):
+        return _decoding_traffic(op, shape, it)
     if op in ("token_logprobs", "weighted_token_nll", "sample_tokens"):
         R, V = shape["R"], shape["V"]
         x = R * V * it
@@ -287,6 +296,39 @@ def traffic(op: str, phase: str, shape: dict, launch, l2_bytes: int,
                 "flops": (2 * slices + 2) * N * D * V, "flops_min": 2 * N * D * V}
     out["bytes_moved"] = out["bytes_min"]
     return out
+
+
+def _elements(shape: dict) -> int:
+    """What the per-element instruction mix is counted per: logits for the token and linear
+    ops, cache values read for decode attention, row values for the LayerNorm ops."""
+    if "V" in shape:
+        return shape.get("R", shape.get("N")) * shape["V"]
+    if "t" in shape:
+        return shape["B"] * shape["H"] * shape["DH"] * (shape["t"] + 1)
+    return shape["R"] * shape["D"]
+
+
+def _decoding_traffic(op: str, shape: dict, it: int) -> dict:
+    """The decoding kernels: every tensor once (their weights and tables are small and stay
+    in L2); the residual stream, its sum and the LayerNorm parameters are float32, the
+    LayerNorm output and the projection's operands in the compute dtype. decode_attention
+    reads the t earlier slots of its cache, writes slot t and does its 4·B·H·DH·(t + 1)
+    FLOPs on the CUDA cores (no MMA)."""
+    if op == "decode_attention":
+        B, H, DH, t = shape["B"], shape["H"], shape["DH"], shape["t"]
+        vec = B * H * DH * it
+        moved = vec * (1 + 2 + 2 + 2 * t + 1)  # q, k/v new, slot t, slots 0..t-1, out
+        return {"bytes_moved": moved, "bytes_min": moved, "flops": 0}
+    R, D = shape["R"], shape["D"]
+    norm = 2 * D * 4 + R * D * (4 + it)  # LayerNorm weight and bias; s and y
+    if op == "add_layer_norm":
+        x = R * D * 4 + (R * 8 if shape.get("embed") else 0)  # the rows (and their index)
+        r = D * 4 if shape.get("embed") else R * D * 4  # a broadcast position or a stream
+        moved = x + r + norm
+        return {"bytes_moved": moved, "bytes_min": moved, "flops": 0}
+    K = shape["K"]
+    moved = R * K * it + D * K * it + R * D * 4 + norm
+    return {"bytes_moved": moved, "bytes_min": moved, "flops": 2 * R * K * D}
 
 
 def _writes_entropy(launch) -> bool:
@@ -429,7 +471,7 @@ def build_records(workloads, archs: list[str], out: Path, keep_sass: list[str] |
                 rec = dict(base, gpu=gname if arch == PREDICTED_ARCH else None)
                 rec.update(traffic(wl.op, wl.phase, wl.shape, launch, gpu["l2_bytes"],
                                    gpu["sms"] * max(1, ctas)))
-                elements = wl.shape.get("R", wl.shape.get("N")) * wl.shape["V"]
+                elements = _elements(wl.shape)
                 rec["dynamic_per_element"] = {
                     k: v * warps * launch.programs / elements for k, v in dynamic.items()}
                 if arch == PREDICTED_ARCH:
@@ -586,14 +628,28 @@ def _demangle(names: list[str]) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def representative_workloads():
+    """The report's shapes (bf16): token ops at [1,048,576, 1024] (the ImageNet-256 step's
+    N·K·L rows) and [8192, 32768] (an LLM vocabulary); linear ops at the DAPS shape (N=524,288,
+    D=128, V=1024) and at N=65,536, D=512, V=16,384; samplers at 512 rows, V=1024, D=128; the
+    decoding ops of one ImageNet-256 sampled position (512 rows, d=128, 4 heads, 1,024 slots,
+    MLP width 512)."""
+    from dvae_kernels import _specialize as S
+
+    return (S.token_workloads(1 << 20, 1024) + S.token_workloads(8192, 32768)
+            + S.linear_workloads(524288, 128, 1024) + S.linear_workloads(65536, 512, 16384)
+            + S.sampler_workloads(512, 1024, 128) + S.decoding_workloads(512, 128, 4, 1024, 512))
+
+
 def workloads_for(ops: list[str] | None, quick: bool):
     from dvae_kernels import _specialize as S
 
     if quick:
         wls = (S.token_workloads(1 << 20, 1024) + S.linear_workloads(524288, 128, 1024)
-               + S.sampler_workloads(512, 1024, 128))
+               + S.sampler_workloads(512, 1024, 128)
+               + S.decoding_workloads(512, 128, 4, 1024, 512))
     else:
-        wls = S.representative_workloads()
+        wls = representative_workloads()
     if ops:
         wls = [w for w in wls if w.op in ops]
     return wls
@@ -604,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", nargs="+", default=["sm_90", "sm_80"], choices=sorted(ARCHS))
     p.add_argument("--ops", nargs="+", default=None,
                    help="token_logprobs weighted_token_nll linear_token_logprobs "
-                        "sample_tokens linear_sample_tokens")
+                        "sample_tokens linear_sample_tokens add_layer_norm "
+                        "linear_add_layer_norm decode_attention")
     p.add_argument("--quick", action="store_true",
                    help="one shape per op family (the DAPS shapes)")
     p.add_argument("--no-cuda", action="store_true", help="skip the CUDA library's kernels")

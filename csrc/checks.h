@@ -1,6 +1,6 @@
 // Input checks shared by the CPU and CUDA registrations: one precise message per constraint.
 // The Python layer (dvae_kernels/_validate.py) already gives users friendly errors; these guard
-// the kernels themselves against a caller that goes straight to torch.ops.dvae_kernels_C.
+// the kernels themselves against a caller that goes straight to torch.ops.dvae_kernels.
 #pragma once
 
 #include <ATen/core/Tensor.h>

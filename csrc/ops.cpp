@@ -5,7 +5,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
-TORCH_LIBRARY(dvae_kernels_C, m) {
+TORCH_LIBRARY_FRAGMENT(dvae_kernels, m) {
   // logits [R, V] (unit column stride), tokens [R] -> (logp [R], lse [R], entropy [R]) float32.
   m.def("token_logprobs_fwd(Tensor logits, Tensor tokens) -> (Tensor, Tensor, Tensor)");
   // grad_logits [R, V] contiguous, in the logits dtype.
@@ -30,12 +30,12 @@ TORCH_LIBRARY(dvae_kernels_C, m) {
   m.def("daps_weights_fwd(Tensor rewards, Tensor logq, Tensor beta, Tensor eta) "
         "-> (Tensor, Tensor)");
   // -> eta, a 0-d float32 tensor on the inputs' device (bisection in log eta, no host sync).
-  m.def("solve_eta(Tensor rewards, Tensor logq, Tensor beta, float ess_target, float eta_min, "
+  m.def("solve_eta_fwd(Tensor rewards, Tensor logq, Tensor beta, float ess_target, float eta_min, "
         "float eta_max) -> Tensor");
 }
 
 // A Python module only so that `import dvae_kernels._C` loads the library (and runs the
-// registrations above); the ops are reached through torch.ops.dvae_kernels_C.
+// registrations above); the ops are reached through torch.ops.dvae_kernels.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module);

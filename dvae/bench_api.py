@@ -1,14 +1,19 @@
-"""A stable entry point for end-to-end benchmarks (bench/e2e.py): one full DAPS training step
-of a preset's model on a fixed synthetic batch.
+"""The training module's entry points for benchmarks (bench/e2e.py, bench/replicate.py).
+
+One full DAPS training step of a preset's model on a fixed synthetic batch::
 
     step, times = make_step("imagenet256", batch_size=64, device="cuda")
     for _ in range(20):
         metrics = step()          # sample, reward, teacher-forced, weights, losses, optimizer
     times["sample"]               # seconds of each call's sample phase (when timed)
+
+and the training loop's own cost against that bare step (:func:`benchmark_loop`).
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -16,7 +21,8 @@ import torch
 from .config import load_config
 from .models import build_model
 from .profiling import PHASES, Phases
-from .train_step import DAPSTrainStep
+from .train_step import TrainStep
+from .trainer import Trainer, _Window
 
 
 def make_step(preset: str, *, batch_size: int, K: int | None = None,
@@ -26,7 +32,7 @@ def make_step(preset: str, *, batch_size: int, K: int | None = None,
     """Build ``preset``'s model at the given sizes and return ``(step, times)``.
 
     Args:
-        preset: ``digits``, ``mnist``, ``cifar10`` or ``imagenet256`` (DESIGN.md §1 table).
+        preset: ``digits``, ``mnist``, ``cifar10`` or ``imagenet256`` (docs/algorithm.md).
         batch_size: N images per step.
         K: samples per image (default: the preset's, 8).
         device: where to run.
@@ -60,7 +66,7 @@ def make_step(preset: str, *, batch_size: int, K: int | None = None,
         x = torch.randn(shape, generator=g, device=dev)
     fwd = torch.compile(model) if compile else model
     phases = Phases(timed=timed, device=dev)
-    train_step = DAPSTrainStep(fwd, cfg, generator=g, phases=phases)
+    train_step = TrainStep(fwd, cfg, generator=g, phases=phases)
     counter = [0]
 
     def step() -> dict[str, torch.Tensor]:
@@ -72,6 +78,40 @@ def make_step(preset: str, *, batch_size: int, K: int | None = None,
     for name in PHASES:
         times.setdefault(name, [])
     return step, times
+
+
+def benchmark_loop(trainer: Trainer, steps: int, warmup: int = 2) -> dict[str, float]:
+    """The training loop's own cost against its bare step, measured alternately in one run:
+    ``loop_ms`` is one loop iteration of ``trainer`` (batch, preprocessing, step, metric sums,
+    progress bar), ``step_ms`` the step alone on a fixed batch. Both advance the model (timing
+    only; use a throwaway Trainer)."""
+    from tqdm.auto import tqdm
+
+    def sync():
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+
+    bar = tqdm(total=None, disable=not trainer.cfg.progress or trainer.rank != 0,
+               desc="dvae train (benchmark)", dynamic_ncols=True)
+    window = _Window(trainer.device)
+    x = trainer.preprocess(next(trainer.batches)[0].to(trainer.device))
+    loop, bare = [], []
+    for i in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        trainer._train_one(window, bar)
+        sync()
+        t1 = time.perf_counter()
+        trainer.step_fn(x, trainer.step)
+        sync()
+        t2 = time.perf_counter()
+        if i >= warmup:
+            loop.append(t1 - t0)
+            bare.append(t2 - t1)
+    bar.close()
+    loop_ms = 1e3 * statistics.median(loop)
+    step_ms = 1e3 * statistics.median(bare)
+    return {"loop_ms": loop_ms, "step_ms": step_ms, "loop_over_step": loop_ms / step_ms}
 
 
 def _yaml(v) -> str:

@@ -155,7 +155,7 @@ def _train(args) -> int:
 
 
 def _eval_or_reconstruct(args) -> int:
-    from .trainer import evaluate, save_grid
+    from .evaluate import evaluate, save_grid
 
     if args.command == "reconstruct" and args.count < 1:
         raise ValueError(f"--count must be >= 1, got {args.count}")

@@ -153,7 +153,7 @@ class TrainStep:
         self.use_amp = cfg.amp and device.type == "cuda"
         self.fused = (cfg.fused_linear == "always"
                       or (cfg.fused_linear == "auto" and device.type == "cuda"))
-        mode = getattr(cfg, "sampler_graph", "auto")
+        mode = cfg.sampler_graph
         if mode == "on" and device.type != "cuda":
             raise ValueError(f"sampler_graph='on' needs a CUDA device, the model is on {device}")
         # captured only on CUDA; None: the eager loop
@@ -291,7 +291,3 @@ class TrainStep:
             self.skipped += found_inf
         metrics["skipped"] = found_inf
         return metrics
-
-
-# the name the DAPS-only step had; the step runs any method's objective
-DAPSTrainStep = TrainStep

@@ -28,12 +28,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dvae_kernels.info import machine
+
 from . import checkpoint as ckpt
-from . import metrics
 from .config import RUN_CONTROL_KEYS, Config, changed_keys
 from .data import Batches, BatchStream, Preprocess, load_datasets, pixel_stats
+from .evaluate import evaluate
 from .models import build_model
-from .models.autoencoder import LatentAutoencoder
 from .profiling import Phases
 from .rundir import RunDir
 from .train_step import TrainStep
@@ -85,10 +86,8 @@ class TrainingDiverged(ValueError):
 
 def check_kernel_backend(cfg: Config, device: torch.device) -> None:
     """Refuse, before any work, a ``kernel_backend`` that cannot serve every op the run calls
-    on ``device`` (e.g. ``cuda`` on a CPU, or ``cuda`` on the logits path: the cuda backend has
-    no sampler)."""
-    import importlib
-
+    with it on ``device`` (e.g. ``cuda`` on a CPU, or ``cuda`` on the logits path: the cuda
+    backend has no sampler). The ops' backends come from dvae_kernels' registry."""
     from dvae_kernels import _dispatch
 
     backend = _dispatch.requested_backend(cfg.kernel_backend)
@@ -96,9 +95,10 @@ def check_kernel_backend(cfg: Config, device: torch.device) -> None:
         return
     fused = cfg.fused_linear == "always" or (cfg.fused_linear == "auto"
                                              and device.type == "cuda")
+    # dvae.daps: the weights, log q (and its entropy for the KL) and, when solved, eta
     ops = ["daps_weights", "linear_token_logprobs"]
     ops += ["solve_eta"] if cfg.eta_mode == "solved" else []
-    ops += [] if fused else ["token_logprobs", "weighted_token_nll"]
+    ops += [] if fused else ["token_logprobs"]
     # the sampler (dvae.train_step.TrainStep.sampler): the torch baseline's off the fused path
     if fused or backend != "torch":
         ops += ["linear_sample_tokens" if fused or device.type == "cpu" else "sample_tokens"]
@@ -106,29 +106,12 @@ def check_kernel_backend(cfg: Config, device: torch.device) -> None:
     if unavailable:
         raise ValueError(f"kernel_backend={backend} cannot run on device {device}: "
                          f"{unavailable}")
-    lacking = [op for op in ops
-               if backend not in importlib.import_module(f"dvae_kernels.{op}").SUPPORTS]
+    lacking = _dispatch.lacking(backend, ops)
     if lacking:
         raise ValueError(f"kernel_backend={backend} has no implementation of "
                          f"{', '.join(lacking)}, which this run calls (fused_linear="
                          f"{cfg.fused_linear} on {device.type}); use kernel_backend=auto or "
                          "torch" + (", or fused_linear=never" if fused else ""))
-
-
-def machine() -> dict[str, str | int]:
-    """Where a run ran: the CPU model, core count, GPU name, torch version."""
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count() or 0, "gpu": gpu, "torch": torch.__version__}
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -140,102 +123,6 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
     return dev
-
-
-@torch.no_grad()
-def evaluate(model: LatentAutoencoder, dataset, preprocess: Preprocess, cfg: Config,
-             device: torch.device, *, max_images: int | None = None, seed: int = 12345,
-             grid_path: str | os.PathLike | None = None, fid_net: nn.Module | None = None
-             ) -> dict[str, float]:
-    """Test-set metrics with one code sequence per image (the authors' protocol: one
-    stochastic sample at temperature 1 for a categorical encoder; the nearest codes for
-    VQ-VAE and FSQ): log p(x|z), PSNR, SSIM, codebook usage and perplexity for every method;
-    the KL to the uniform prior and the β-ELBO (nats per image, β_end) where q is a
-    distribution (not VQ-VAE, FSQ); rFID when ``fid_net`` (from :func:`dvae.fid.inception`)
-    is given."""
-    from .data import TensorImages
-
-    rfid = None
-    if fid_net is not None:
-        from .fid import RFID
-
-        rfid = RFID(fid_net)
-
-    was_training = model.training
-    model.eval()
-    n = len(dataset) if not max_images else min(max_images, len(dataset))
-    bs = max(1, min(cfg.batch_size, 256))
-    g = torch.Generator(device=device).manual_seed(seed)
-    sums = {"beta_elbo": 0.0, "log_px": 0.0, "kl": 0.0, "psnr": 0.0, "ssim": 0.0}
-    has_kl = True
-    all_codes = []
-    first = None
-    evaluated = unreadable = 0
-    for start in range(0, n, bs):
-        idx = torch.arange(start, min(start + bs, n))
-        if isinstance(dataset, TensorImages):
-            x01 = dataset.batch(idx)
-        else:
-            # An unreadable test file is left out, not replaced by its neighbour (that
-            # would count one image twice); eval_unreadable reports how many.
-            images = [dataset.try_load(int(i)) for i in idx]
-            unreadable += sum(im is None for im in images)
-            images = [im for im in images if im is not None]
-            if not images:
-                continue
-            x01 = torch.stack(images)
-        evaluated += x01.shape[0]
-        x01 = x01.to(device)
-        x = preprocess(x01)
-        codes = model.encode_codes(x, generator=g)
-        params = model.decode_codes(codes)
-        logpx = model.likelihood.log_prob(params, x)
-        kl = model.kl_uniform(x, codes, backend=cfg.kernel_backend)
-        recon = model.to_pixels(model.likelihood.mean(params))
-        target = preprocess.target_pixels(x01)
-        if rfid is not None:
-            rfid.update(target, recon)
-        if kl is None:
-            has_kl = False
-        else:
-            sums["beta_elbo"] += (logpx - cfg.beta_end * kl).sum().item()
-            sums["kl"] += kl.sum().item()
-        sums["log_px"] += logpx.sum().item()
-        sums["psnr"] += metrics.psnr(recon, target).sum().item()
-        sums["ssim"] += metrics.ssim(recon, target).sum().item()
-        all_codes.append(codes.cpu())
-        if first is None:
-            first = (target[:cfg.grid_images].cpu(), recon[:cfg.grid_images].cpu())
-    if evaluated == 0:
-        raise ValueError(f"no test image could be read ({unreadable} unreadable files)")
-    out: dict[str, float | None] = {k: v / evaluated for k, v in sums.items()}
-    if not has_kl:  # VQ-VAE and FSQ: q is not a distribution, no KL and no β-ELBO
-        out["beta_elbo"] = out["kl"] = None
-    out.update(metrics.codebook_stats(torch.cat(all_codes), model.codebook_size))
-    out["eval_images"] = evaluated
-    if rfid is not None:
-        out["rfid"] = rfid.compute()
-    if unreadable:
-        out["eval_unreadable"] = unreadable
-    if grid_path is not None and first is not None:
-        save_grid(first[0], first[1], grid_path)
-    model.train(was_training)
-    return out
-
-
-def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: str | os.PathLike) -> None:
-    """PNG: originals in the top row, reconstructions below; small images scaled up."""
-    from torchvision.utils import save_image
-
-    H = originals.shape[-1]
-    factor = max(1, 64 // H)
-    both = torch.cat([originals, recons]).float().clamp(0, 1)
-    if factor > 1:
-        both = torch.nn.functional.interpolate(both, scale_factor=factor, mode="nearest")
-    if both.shape[1] == 1:
-        both = both.expand(-1, 3, -1, -1)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(both, str(path), nrow=originals.shape[0], padding=2, pad_value=1.0)
 
 
 class Trainer:
@@ -496,41 +383,6 @@ class Trainer:
         self._max_consecutive = torch.maximum(self._max_consecutive, self._consecutive)
         self.step += 1
         bar.update(1)
-
-    def benchmark(self, steps: int, warmup: int = 2) -> dict[str, float]:
-        """The training loop's own cost against its bare step, measured alternately in one
-        run: ``loop_ms`` is one loop iteration (batch, preprocessing, step, metric sums,
-        progress bar), ``step_ms`` the DAPS step alone on a fixed batch. Both advance the
-        model (timing only; use a throwaway Trainer)."""
-        from tqdm.auto import tqdm
-
-        def sync():
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-
-        bar = tqdm(total=None, disable=not self.cfg.progress or self.rank != 0,
-                   desc="dvae train (benchmark)", dynamic_ncols=True)
-        window = _Window(self.device)
-        x = self.preprocess(next(self.batches)[0].to(self.device))
-        loop, bare = [], []
-        for i in range(warmup + steps):
-            sync()
-            t0 = time.perf_counter()
-            self._train_one(window, bar)
-            sync()
-            t1 = time.perf_counter()
-            self.step_fn(x, self.step)
-            sync()
-            t2 = time.perf_counter()
-            if i >= warmup:
-                loop.append(t1 - t0)
-                bare.append(t2 - t1)
-        bar.close()
-        import statistics
-
-        loop_ms = 1e3 * statistics.median(loop)
-        step_ms = 1e3 * statistics.median(bare)
-        return {"loop_ms": loop_ms, "step_ms": step_ms, "loop_over_step": loop_ms / step_ms}
 
     def _all_agree(self, flag: bool) -> bool:
         """True on every rank when it is true on any."""

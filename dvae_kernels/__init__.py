@@ -22,14 +22,27 @@ Drop-in paths for other models (built on the linear ops):
 * :func:`causal_lm_token_logprobs` - shifted, padding-masked token log-probabilities and
   entropies of a causal LM (PPO/GRPO), from its hidden states and LM head.
 
-``python -m dvae_kernels.info`` reports versions, devices and each backend's availability.
+Transformer-decoding kernels (the autoregressive sampler's, where launches cost more than the
+work; no backward of their own, the torch backend serves differentiable calls):
+
+* :func:`decode_attention` - write one position into a KV cache and attend to the slots so
+  far, the position read from device memory (CUDA-graph safe).
+* :func:`add_layer_norm`, :func:`embed_add_layer_norm`, :func:`linear_add_layer_norm` - a
+  residual add (after an embedding lookup or a projection) with the LayerNorm after it.
+* :func:`attention` - scaled dot-product attention with a C++ CPU kernel for small heads.
+
+``python -m dvae_kernels.info`` prints versions, devices and an op × backend × device table.
 """
 
 from ._dispatch import BACKENDS, BackendError
 from ._validate import no_value_checks
+from .add_layer_norm import add_layer_norm, embed_add_layer_norm
+from .attention import attention
 from .causal_lm_token_logprobs import causal_lm_token_logprobs
 from .codebook_logits import codebook_logits
 from .daps_weights import daps_weights
+from .decode_attention import decode_attention
+from .linear_add_layer_norm import linear_add_layer_norm
 from .linear_sample_tokens import linear_sample_tokens
 from .linear_token_logprobs import linear_token_logprobs
 from .linear_weighted_token_nll import LinearWeightedTokenNLL, linear_weighted_token_nll
@@ -43,6 +56,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "add_layer_norm",
+    "attention",
+    "decode_attention",
+    "embed_add_layer_norm",
+    "linear_add_layer_norm",
     "BackendError",
     "FusedCategoricalHead",
     "LinearCrossEntropyLoss",
@@ -61,4 +79,4 @@ __all__ = [
     "weighted_token_nll",
 ]
 
-from . import _native  # noqa: F401,E402  (registers the cpu/cuda backends into the ops)
+

@@ -24,8 +24,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _BUILD_INFO_PATH = os.path.join(_HERE, "_build_info.json")
 _REBUILD = "rebuild with `pip install --no-build-isolation -e .` (see csrc/README.md)"
 
-# The namespace of the ops defined in csrc/ops.cpp: torch.ops.dvae_kernels_C.<op>.
-NAMESPACE = "dvae_kernels_C"
+# The namespace of the ops defined in csrc/ops.cpp: torch.ops.dvae_kernels.<op>.
+NAMESPACE = "dvae_kernels"
 
 
 def _read_build_info() -> dict | None:
@@ -181,5 +181,14 @@ def load_errors() -> dict[str, str]:
 
 
 def ops():
-    """``torch.ops.dvae_kernels_C`` (valid once the extension is loaded)."""
+    """``torch.ops.dvae_kernels`` (valid once the extension is loaded)."""
     return getattr(torch.ops, NAMESPACE)
+
+
+def refuse_float64(name: str, t: torch.Tensor) -> str | None:
+    """The cpu and cuda backends' refusal of float64 inputs (their kernels compute in
+    float32), or None."""
+    if t.dtype == torch.float64:
+        return (f"float64 {name} are served by the torch backend only (the C++/CUDA kernels "
+                "compute in float32)")
+    return None

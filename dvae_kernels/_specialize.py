@@ -235,13 +235,42 @@ def daps_workloads(N: int, K: int) -> list[Workload]:
                      lambda: se._triton_forward(r, q, s, 0.5, 1e-3, 1e3))]
 
 
-def representative_workloads() -> list[Workload]:
-    """The shapes of issue 9 (bf16): token ops at [1,048,576, 1024] and [8192, 32768]; linear
-    ops at the DAPS shape (N=524,288, D=128, V=1024) and at N=65,536, D=512, V=16,384;
-    samplers at 512 rows, V=1024, D=128."""
-    return (token_workloads(1 << 20, 1024) + token_workloads(8192, 32768)
-            + linear_workloads(524288, 128, 1024) + linear_workloads(65536, 512, 16384)
-            + sampler_workloads(512, 1024, 128))
+def decoding_workloads(B: int, D: int, H: int, L: int, K_mlp: int, dtype: str = "bf16",
+                       bias: bool = False, t: int | None = None) -> list[Workload]:
+    """The decoding ops of one sampled position: B rows of width D, H heads over a KV cache of
+    L slots (the position ``t``, default L // 2, only sets the decode loop's trip count in
+    the static report), the projections into D from D and from K_mlp (the MLP's fc2)."""
+    aln = _module("add_layer_norm")
+    laln = _module("linear_add_layer_norm")
+    dec = _module("decode_attention")
+
+    dt = _DT[dtype]
+    f32 = torch.float32
+    x, r = _t(B, D, dtype=f32), _t(D, dtype=f32)
+    w, b = _t(D, dtype=f32), _t(D, dtype=f32)
+    table = _t(1024, D, dtype=f32)
+    index = torch.empty(B, dtype=torch.int64, device=META)
+    a_attn, a_mlp = _t(B, D, dtype=dt), _t(B, K_mlp, dtype=dt)
+    w_attn, w_mlp = _t(D, D, dtype=dt), _t(D, K_mlp, dtype=dt)
+    b_proj = _t(D, dtype=dt) if bias else None
+    DH = D // H
+    q, kv_new = _t(B, H, DH, dtype=dt), _t(B, 2, H, DH, dtype=dt)
+    cache = _t(2, B, H, L, DH, dtype=dt)
+    pos = torch.empty((), dtype=torch.int32, device=META)
+    return [
+        Workload("add_layer_norm", "fwd", {"R": B, "D": D, "embed": 1, "dtype": dtype},
+                 lambda: aln._triton_forward(table, r, w, b, 1e-5, dt, index)),
+        Workload("add_layer_norm", "fwd", {"R": B, "D": D, "dtype": dtype},
+                 lambda: aln._triton_forward(x, x, w, b, 1e-5, dt)),
+        Workload("linear_add_layer_norm", "fwd", {"R": B, "K": D, "D": D, "dtype": dtype},
+                 lambda: laln._triton_forward(a_attn, w_attn, b_proj, x, w, b, 1e-5, dt)),
+        Workload("linear_add_layer_norm", "fwd", {"R": B, "K": K_mlp, "D": D, "dtype": dtype},
+                 lambda: laln._triton_forward(a_mlp, w_mlp, b_proj, x, w, b, 1e-5, dt)),
+        Workload("decode_attention", "fwd",
+                 {"B": B, "H": H, "DH": DH, "L": L, "t": L // 2 if t is None else t,
+                  "dtype": dtype},
+                 lambda: dec._triton_forward(q, kv_new, cache, pos)),
+    ]
 
 
 def compile_check_workloads() -> list[Workload]:
@@ -264,6 +293,9 @@ def compile_check_workloads() -> list[Workload]:
         out += sampler_workloads(64, V, 64, dtype, greedy, bias)
     for N, K in ((4096, 8), (64, 4096), (1 << 20, 4096)):
         out += daps_workloads(N, K)
+    for dtype, D, H, bias in (("bf16", 128, 4, False), ("fp32", 24, 3, True),
+                              ("fp16", 256, 8, True)):
+        out += decoding_workloads(64, D, H, 40, 4 * D, dtype, bias)
     return out
 
 
@@ -298,4 +330,4 @@ def cdiv(a: int, b: int) -> int:
 
 
 __all__ = ["Launch", "Workload", "capture", "compile_launch", "launches_of", "unique_launches",
-           "representative_workloads", "compile_check_workloads", "cdiv"]
+           "compile_check_workloads", "cdiv"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _dispatch, _validate
+from . import _csrc, _dispatch, _validate
 from ._triton import HAS_TRITON, next_power_of_2, tl, triton
 
 # ---------------------------------------------------------------------------------------------
@@ -106,14 +106,24 @@ def supports_triton(rewards, logq) -> str | None:
     return None
 
 
-_FORWARD = {"torch": _torch_forward, "triton": _triton_forward}
-SUPPORTS = {"torch": lambda rewards, logq: None, "triton": supports_triton}
+def _native_forward(rewards, logq, beta, eta):
+    """The cpu and cuda backends: the C++/CUDA kernels of csrc/."""
+    return _csrc.ops().daps_weights_fwd(rewards, logq, beta, eta)
 
 
-def register_backend(name: str, forward, supports) -> None:
-    """Add a backend implementation (used by the C++/CUDA extension loader)."""
-    _FORWARD[name] = forward
-    SUPPORTS[name] = supports
+def supports_native(rewards, logq) -> str | None:
+    return _csrc.refuse_float64("rewards", rewards)
+
+
+OP = _dispatch.Op("daps_weights")
+OP.register("torch", _torch_forward)
+OP.register("triton", _triton_forward, supports=supports_triton,
+            limits=f"no float64, K <= {MAX_K}")
+OP.register("cpu", _native_forward, supports=supports_native, limits="no float64")
+# The CUDA kernel runs one block for the whole batch: a reading of its compiled code put it at
+# about 10x the Triton kernel's time at the paper's N x K, so it runs only when asked for.
+OP.register("cuda", _native_forward, supports=supports_native, automatic=False,
+            limits="no float64, explicit backend='cuda' only")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +135,7 @@ def register_backend(name: str, forward, supports) -> None:
 @torch.library.custom_op("dvae_kernels::daps_weights", mutates_args=())
 def _op(rewards: torch.Tensor, logq: torch.Tensor, beta: torch.Tensor, eta: torch.Tensor,
         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _FORWARD[backend](rewards, logq, beta, eta)
+    return OP.forward(backend)(rewards, logq, beta, eta)
 
 
 @_op.register_fake
@@ -208,6 +218,5 @@ def daps_weights(rewards: torch.Tensor, logq: torch.Tensor, beta, eta, *,
     device = rewards.device
     beta_t = _validate.scalar("beta", beta, device, minimum=0.0).to(dtype)
     eta_t = _validate.scalar("eta", eta, device, minimum=0.0, strict=True).to(dtype)
-    name = _dispatch.select("daps_weights", SUPPORTS, backend, device,
-                            rewards=rewards, logq=logq)
+    name = OP.select(backend, device, rewards=rewards, logq=logq)
     return _op(as_rows(rewards, dtype), as_rows(logq, dtype), beta_t.detach(), eta_t, name)

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from . import _dispatch, _validate
+from . import _csrc, _dispatch, _validate
 from ._triton import HAS_TRITON, tl, triton
 from .linear_token_logprobs import (
     BLOCK_N,
@@ -223,18 +223,25 @@ def _supports_triton(hidden, weight, bias) -> str | None:
     return None
 
 
-def _supports_torch(hidden, weight, bias) -> str | None:
-    return None
+def _native_forward(hidden, weight, bias, seeds, temperature: float):
+    """The cpu backend: the torch backend's chunks of logits (one MKL matmul each, without the
+    bias, which the C++ sampling kernel adds as it reads a row), each sampled at its rows of
+    the stream. On CUDA the Triton kernels serve."""
+    def sample_rows(x, b, s, row0, t):
+        return _csrc.ops().sample_tokens_fwd(x, b, s, t, row0)
+    return chunked_forward(sample_rows, hidden, weight, bias, seeds, temperature,
+                           bias_in_sampler=True)
 
 
-_FORWARD = {"torch": _torch_forward, "triton": _triton_forward}
-SUPPORTS = {"torch": _supports_torch, "triton": _supports_triton}
+def _supports_native(hidden, weight, bias) -> str | None:
+    return _csrc.refuse_float64("hidden", hidden)
 
 
-def register_backend(name: str, forward, supports) -> None:
-    """Add a backend implementation (used by the C++/CUDA extension loader)."""
-    _FORWARD[name] = forward
-    SUPPORTS[name] = supports
+OP = _dispatch.Op("linear_sample_tokens")
+OP.register("torch", _torch_forward)
+OP.register("triton", _triton_forward, supports=_supports_triton,
+            limits=f"no float64, at most {MAX_ROWS} rows")
+OP.register("cpu", _native_forward, supports=_supports_native, limits="no float64")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +253,7 @@ def register_backend(name: str, forward, supports) -> None:
 def _op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         seeds: torch.Tensor, temperature: float, backend: str
         ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _FORWARD[backend](hidden, weight, bias, seeds, temperature)
+    return OP.forward(backend)(hidden, weight, bias, seeds, temperature)
 
 
 @_op.register_fake
@@ -292,8 +299,7 @@ def linear_sample_tokens(hidden: torch.Tensor, weight: torch.Tensor,
     if weight.shape[0] < 1:
         raise ValueError(f"weight must have V >= 1 rows, got {_validate.describe(weight)}")
     t = check_sampling_args(hidden.device, generator, temperature)
-    name = _dispatch.select("linear_sample_tokens", SUPPORTS, backend, hidden.device,
-                            hidden=hidden, weight=weight, bias=bias)
+    name = OP.select(backend, hidden.device, hidden=hidden, weight=weight, bias=bias)
     lead = hidden.shape[:-1]
     x, w, b, _ = flatten_linear(hidden.detach(), weight.detach(),
                                 bias.detach() if bias is not None else None)

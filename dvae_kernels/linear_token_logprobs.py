@@ -42,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from . import _autotune, _dispatch, _validate
+from . import _autotune, _csrc, _dispatch, _validate
 from ._triton import HAS_TRITON, INTERPRET, next_power_of_2, target_capability, tl, triton
 
 if HAS_TRITON:
@@ -553,20 +553,51 @@ def _supports_triton(hidden, weight, tokens, bias) -> str | None:
     return None
 
 
-def _supports_torch(hidden, weight, tokens, bias) -> str | None:
-    return None
+# ---------------------------------------------------------------------------------------------
+# cpu backend: chunked like the torch backend (peak extra memory O(chunk·V + N)), with the C++
+# row kernels of csrc/ doing the softmax statistics and the logit gradient of each chunk. CPU
+# only: on CUDA the Triton kernels never write the logits at all.
+# ---------------------------------------------------------------------------------------------
 
 
-_FORWARD = {"torch": _torch_forward, "triton": _triton_forward}
-_BACKWARD = {"torch": _torch_backward, "triton": _triton_backward}
-SUPPORTS = {"torch": _supports_torch, "triton": _supports_triton}
+def _native_row_stats(x, tok):
+    return _csrc.ops().token_logprobs_fwd(x, tok)
 
 
-def register_backend(name: str, forward, backward, supports) -> None:
-    """Add a backend implementation (used by the C++/CUDA extension loader)."""
-    _FORWARD[name] = forward
-    _BACKWARD[name] = backward
-    SUPPORTS[name] = supports
+def _native_dlogits(x, tok, lse, entropy, grad_logp, grad_lse, grad_entropy):
+    # The row kernel knows d logp and d entropy; d lse/dx = p folds in as
+    # (g_logp - g_lse)·(onehot - p) + g_lse·onehot.
+    g_lp = grad_logp
+    if grad_lse is not None:
+        g_lp = -grad_lse if grad_logp is None else grad_logp - grad_lse
+    g = _csrc.ops().token_logprobs_bwd(g_lp, grad_entropy, x, tok, lse, entropy)
+    if grad_lse is not None:
+        valid = (tok >= 0) & (tok < x.shape[-1])
+        g.scatter_add_(-1, torch.where(valid, tok, 0).long()[:, None],
+                       torch.where(valid, grad_lse, 0.0)[:, None])
+    return g
+
+
+def _native_forward(hidden, weight, tokens, bias):
+    return chunked_forward(_native_row_stats, hidden, weight, tokens, bias)
+
+
+def _native_backward(grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, bias, lse,
+                     entropy):
+    return chunked_backward(_native_dlogits, grad_logp, grad_lse, grad_entropy, hidden,
+                            weight, tokens, bias, lse, entropy)
+
+
+def _supports_native(hidden, weight, tokens, bias) -> str | None:
+    return _csrc.refuse_float64("hidden", hidden)
+
+
+OP = _dispatch.Op("linear_token_logprobs")
+OP.register("torch", _torch_forward, _torch_backward)
+OP.register("triton", _triton_forward, _triton_backward, supports=_supports_triton,
+            limits="no float64")
+OP.register("cpu", _native_forward, _native_backward, supports=_supports_native,
+            limits="no float64")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,7 +610,7 @@ def register_backend(name: str, forward, backward, supports) -> None:
 def _op(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
         bias: Optional[torch.Tensor], backend: str
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _FORWARD[backend](hidden, weight, tokens, bias)
+    return OP.forward(backend)(hidden, weight, tokens, bias)
 
 
 @_op.register_fake
@@ -594,8 +625,8 @@ def _backward_op(grad_logp: Optional[torch.Tensor], grad_lse: Optional[torch.Ten
                  weight: torch.Tensor, tokens: torch.Tensor,
                  bias: Optional[torch.Tensor], lse: torch.Tensor, entropy: torch.Tensor,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _BACKWARD[backend](grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, bias,
-                              lse, entropy)
+    return OP.backward(backend)(grad_logp, grad_lse, grad_entropy, hidden, weight, tokens,
+                                bias, lse, entropy)
 
 
 @_backward_op.register_fake
@@ -722,8 +753,8 @@ def linear_logprobs_entropy(hidden, weight, tokens, bias, backend, op: str):
         raise type(err)(f"{op}: {err}") from None
     V = weight.shape[0]
     _validate.check_token_range(tokens, V)
-    name = _dispatch.select(op, SUPPORTS, backend, hidden.device,
-                            hidden=hidden, weight=weight, tokens=tokens, bias=bias)
+    name = OP.select(backend, hidden.device, caller=op, hidden=hidden, weight=weight,
+                     tokens=tokens, bias=bias)
     lead = hidden.shape[:-1]
     x, w, b, t = flatten_linear(hidden, weight, bias, tokens)
     logp, _, entropy = _op(x, w, t, b, name)

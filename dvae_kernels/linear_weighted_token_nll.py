@@ -8,7 +8,7 @@ The encoder's weighted maximum-likelihood loss (DESIGN.md §1.7) straight from t
 states. It is the fused :func:`linear_token_logprobs` op followed by a weighted reduction of
 one float per token: the weights only scale the per-token gradient ``g_logp = -w`` that the
 fused backward already takes, so a separate kernel would save nothing but that [N]-element
-product. Its backends are therefore those of linear_token_logprobs (same SUPPORTS table) and
+product. Its backends are therefore those of linear_token_logprobs (the same OP) and
 it inherits that op's memory bound, O(N + V·D) instead of O(N·V).
 """
 
@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 
 from . import _validate
-from .linear_token_logprobs import (  # noqa: F401 (SUPPORTS, linear_token_logprobs re-exported)
-    SUPPORTS,
+from .linear_token_logprobs import (  # noqa: F401 (OP, linear_token_logprobs re-exported)
+    OP,
     linear_logprobs_entropy,
     linear_token_logprobs,
 )

@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from . import _dispatch, _validate
+from . import _csrc, _dispatch, _validate
 from ._triton import HAS_TRITON, next_power_of_2, tl, triton, vec16
 
 if HAS_TRITON:
@@ -291,18 +291,21 @@ def _supports_triton(logits: torch.Tensor) -> str | None:
     return None
 
 
-def _supports_torch(logits: torch.Tensor) -> str | None:
-    return None
+def _native_forward(logits: torch.Tensor, seeds: torch.Tensor, temperature: float):
+    """The cpu backend: the C++ kernel of csrc/, one pass per row (the torch backend's tokens
+    up to the log's last ulp). On CUDA the Triton kernel serves."""
+    return _csrc.ops().sample_tokens_fwd(logits, None, seeds, temperature, 0)
 
 
-_FORWARD = {"torch": _torch_forward, "triton": _triton_forward}
-SUPPORTS = {"torch": _supports_torch, "triton": _supports_triton}
+def _supports_native(logits: torch.Tensor) -> str | None:
+    return _csrc.refuse_float64("logits", logits)
 
 
-def register_backend(name: str, forward, supports) -> None:
-    """Add a backend implementation (used by the C++/CUDA extension loader)."""
-    _FORWARD[name] = forward
-    SUPPORTS[name] = supports
+OP = _dispatch.Op("sample_tokens")
+OP.register("torch", _torch_forward)
+OP.register("triton", _triton_forward, supports=_supports_triton,
+            limits=f"no float64, at most {MAX_ROWS} rows")
+OP.register("cpu", _native_forward, supports=_supports_native, limits="no float64")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +317,7 @@ def register_backend(name: str, forward, supports) -> None:
 @torch.library.custom_op("dvae_kernels::sample_tokens", mutates_args=())
 def _op(logits: torch.Tensor, seeds: torch.Tensor, temperature: float, backend: str
         ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _FORWARD[backend](logits, seeds, temperature)
+    return OP.forward(backend)(logits, seeds, temperature)
 
 
 @_op.register_fake
@@ -363,7 +366,7 @@ def sample_tokens(logits: torch.Tensor, *, generator: torch.Generator | None = N
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must be [..., V] with V >= 1, got {_validate.describe(logits)}")
     t = check_sampling_args(logits.device, generator, temperature)
-    name = _dispatch.select("sample_tokens", SUPPORTS, backend, logits.device, logits=logits)
+    name = OP.select(backend, logits.device, logits=logits)
     lead = logits.shape[:-1]
     x = logits.detach().reshape(-1, logits.shape[-1])
     if x.stride(-1) != 1:

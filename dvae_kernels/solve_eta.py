@@ -31,9 +31,16 @@ import math
 
 import torch
 
-from . import _dispatch, _validate
+from . import _csrc, _dispatch, _validate
 from ._triton import HAS_TRITON, tl, triton
-from .daps_weights import MAX_K, as_rows, check_rewards_logq, row_tile, supports_triton
+from .daps_weights import (
+    MAX_K,
+    as_rows,
+    check_rewards_logq,
+    row_tile,
+    supports_native,
+    supports_triton,
+)
 
 ITERS = 48
 
@@ -154,14 +161,19 @@ def _triton_forward(rewards, logq, beta, ess_target: float, eta_min: float, eta_
     return out.view(())
 
 
-_FORWARD = {"torch": _torch_forward, "triton": _triton_forward}
-SUPPORTS = {"torch": lambda rewards, logq: None, "triton": supports_triton}
+def _native_forward(rewards, logq, beta, ess_target: float, eta_min: float, eta_max: float):
+    """The cpu and cuda backends: the C++/CUDA kernels of csrc/."""
+    return _csrc.ops().solve_eta_fwd(rewards, logq, beta, ess_target, eta_min, eta_max)
 
 
-def register_backend(name: str, forward, supports) -> None:
-    """Add a backend implementation (used by the C++/CUDA extension loader)."""
-    _FORWARD[name] = forward
-    SUPPORTS[name] = supports
+OP = _dispatch.Op("solve_eta")
+OP.register("torch", _torch_forward)
+OP.register("triton", _triton_forward, supports=supports_triton,
+            limits=f"no float64, K <= {MAX_K}")
+OP.register("cpu", _native_forward, supports=supports_native, limits="no float64")
+# One block for the whole bisection, like the CUDA daps_weights: explicit use only.
+OP.register("cuda", _native_forward, supports=supports_native, automatic=False,
+            limits="no float64, explicit backend='cuda' only")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +184,7 @@ def register_backend(name: str, forward, supports) -> None:
 @torch.library.custom_op("dvae_kernels::solve_eta", mutates_args=())
 def _op(rewards: torch.Tensor, logq: torch.Tensor, beta: torch.Tensor, ess_target: float,
         eta_min: float, eta_max: float, backend: str) -> torch.Tensor:
-    return _FORWARD[backend](rewards, logq, beta, ess_target, eta_min, eta_max)
+    return OP.forward(backend)(rewards, logq, beta, ess_target, eta_min, eta_max)
 
 
 @_op.register_fake
@@ -223,8 +235,7 @@ def solve_eta(rewards: torch.Tensor, logq: torch.Tensor, beta, ess_target: float
         raise ValueError(f"eta_min must be < eta_max, got eta_min={eta_min}, eta_max={eta_max}")
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     beta_t = _validate.scalar("beta", beta, rewards.device, minimum=0.0).detach().to(dtype)
-    name = _dispatch.select("solve_eta", SUPPORTS, backend, rewards.device,
-                            rewards=rewards, logq=logq)
+    name = OP.select(backend, rewards.device, rewards=rewards, logq=logq)
     return _op(as_rows(rewards, dtype), as_rows(logq, dtype), beta_t, float(ess_target),
                float(eta_min), float(eta_max), name)
 

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from . import _dispatch, _validate
+from . import _csrc, _dispatch, _validate
 from ._triton import HAS_TRITON, next_power_of_2, tl, triton, vec16
 
 if HAS_TRITON:
@@ -251,20 +251,35 @@ def _supports_triton(logits: torch.Tensor, tokens: torch.Tensor) -> str | None:
     return None
 
 
-def _supports_torch(logits: torch.Tensor, tokens: torch.Tensor) -> str | None:
-    return None
+# ---------------------------------------------------------------------------------------------
+# cpu and cuda backends: the C++/CUDA kernels of csrc/ (one pass computes the entropy too)
+# ---------------------------------------------------------------------------------------------
 
 
-_FORWARD = {"torch": _torch_forward, "triton": _triton_forward}
-_BACKWARD = {"torch": _torch_backward, "triton": _triton_backward}
-SUPPORTS = {"torch": _supports_torch, "triton": _supports_triton}
+def _native_forward(logits, tokens, with_entropy: bool = True):
+    logp, lse, ent = _csrc.ops().token_logprobs_fwd(logits, tokens)
+    # The op's contract is an empty entropy when it was not asked for.
+    return logp, lse, ent if with_entropy else ent.new_empty((0,))
 
 
-def register_backend(name: str, forward, backward, supports) -> None:
-    """Add a backend implementation (used by the C++/CUDA extension loader)."""
-    _FORWARD[name] = forward
-    _BACKWARD[name] = backward
-    SUPPORTS[name] = supports
+def _native_backward(grad_logp, grad_entropy, logits, tokens, lse, entropy):
+    # Without an entropy gradient the kernel never reads the entropy, which is then empty
+    # (not computed); lse stands in for it in the shape check.
+    return _csrc.ops().token_logprobs_bwd(grad_logp, grad_entropy, logits, tokens, lse,
+                                          entropy if grad_entropy is not None else lse)
+
+
+def _supports_native(logits, tokens) -> str | None:
+    return _csrc.refuse_float64("logits", logits)
+
+
+OP = _dispatch.Op("token_logprobs")
+OP.register("torch", _torch_forward, _torch_backward)
+OP.register("triton", _triton_forward, _triton_backward, supports=_supports_triton,
+            limits=f"no float64, V <= {MAX_V}")
+for _name in ("cpu", "cuda"):
+    OP.register(_name, _native_forward, _native_backward, supports=_supports_native,
+                limits="no float64")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +291,7 @@ def register_backend(name: str, forward, backward, supports) -> None:
 def _op(logits: torch.Tensor, tokens: torch.Tensor, backend: str, with_entropy: bool
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp [R], lse [R], entropy [R] when with_entropy else an empty [0]: no work for it)."""
-    return _FORWARD[backend](logits, tokens, with_entropy)
+    return OP.forward(backend)(logits, tokens, with_entropy)
 
 
 @_op.register_fake
@@ -290,7 +305,7 @@ def _(logits, tokens, backend, with_entropy):
 def _backward_op(grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
                  logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor,
                  entropy: torch.Tensor, backend: str) -> torch.Tensor:
-    return _BACKWARD[backend](grad_logp, grad_entropy, logits, tokens, lse, entropy)
+    return OP.backward(backend)(grad_logp, grad_entropy, logits, tokens, lse, entropy)
 
 
 @_backward_op.register_fake
@@ -356,8 +371,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, return_entropy
     _validate.check_logits_tokens(logits, tokens)
     V = logits.shape[-1]
     _validate.check_token_range(tokens, V)
-    name = _dispatch.select("token_logprobs", SUPPORTS, backend, logits.device,
-                            logits=logits, tokens=tokens)
+    name = OP.select(backend, logits.device, logits=logits, tokens=tokens)
     lead = logits.shape[:-1]
     x = logits.reshape(-1, V)
     if x.stride(-1) != 1:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _dispatch, _validate
+from . import _csrc, _dispatch, _validate
 from ._triton import HAS_TRITON, next_power_of_2, tl, triton, vec16
 from .token_logprobs import MAX_V, _acc_dtype, log_softmax_parts
 
@@ -163,14 +163,21 @@ def _supports_triton(logits, tokens, weights) -> str | None:
     return None
 
 
-_FORWARD = {"torch": _torch_forward, "triton": _triton_forward}
-SUPPORTS = {"torch": lambda logits, tokens, weights: None, "triton": _supports_triton}
+def _native_forward(logits, tokens, weights, compute_grad: bool):
+    """The cpu and cuda backends: the C++/CUDA kernels of csrc/."""
+    return _csrc.ops().weighted_token_nll_fwd(logits, tokens, weights, compute_grad)
 
 
-def register_backend(name: str, forward, supports) -> None:
-    """Add a backend implementation (used by the C++/CUDA extension loader)."""
-    _FORWARD[name] = forward
-    SUPPORTS[name] = supports
+def _supports_native(logits, tokens, weights) -> str | None:
+    return _csrc.refuse_float64("logits", logits)
+
+
+OP = _dispatch.Op("weighted_token_nll")
+OP.register("torch", _torch_forward)
+OP.register("triton", _triton_forward, supports=_supports_triton,
+            limits=f"no float64, V <= {MAX_V}")
+for _name in ("cpu", "cuda"):
+    OP.register(_name, _native_forward, supports=_supports_native, limits="no float64")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +189,7 @@ def register_backend(name: str, forward, supports) -> None:
 @torch.library.custom_op("dvae_kernels::weighted_token_nll", mutates_args=())
 def _op(logits: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor,
         compute_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _FORWARD[backend](logits, tokens, weights, compute_grad)
+    return OP.forward(backend)(logits, tokens, weights, compute_grad)
 
 
 @_op.register_fake
@@ -250,8 +257,7 @@ def weighted_token_nll(logits: torch.Tensor, tokens: torch.Tensor, weights,
     V = logits.shape[-1]
     _validate.check_token_range(tokens, V)
     w = _validate.token_weights(weights, tokens, logits.device, "logits")
-    name = _dispatch.select("weighted_token_nll", SUPPORTS, backend, logits.device,
-                            logits=logits, tokens=tokens, weights=w)
+    name = OP.select(backend, logits.device, logits=logits, tokens=tokens, weights=w)
     x = logits.reshape(-1, V)
     if x.stride(-1) != 1:
         x = x.contiguous()

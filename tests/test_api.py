@@ -71,14 +71,40 @@ def test_explicit_backend_never_falls_back(monkeypatch):
     assert dk.token_logprobs(X, T).shape == (3,)
 
 
+def _scratch_op(monkeypatch, name: str) -> _dispatch.Op:
+    """An op registered for one test only (the registry is restored afterwards)."""
+    monkeypatch.setattr(_dispatch, "OPS", dict(_dispatch.OPS))
+    return _dispatch.Op(name)
+
+
 def test_automatic_choice_lists_every_reason(monkeypatch):
-    table = {"torch": lambda **kw: "refused for the test"}
+    op = _scratch_op(monkeypatch, "op")
+    op.register("torch", lambda: None, supports=lambda **kw: "refused for the test")
     with pytest.raises(dk.BackendError) as info:
-        _dispatch.select("op", table, None, torch.device("cpu"))
+        op.select(None, torch.device("cpu"))
+    assert "op: no backend can serve" in str(info.value)
     assert "torch: refused for the test" in str(info.value)
+    with pytest.raises(dk.BackendError, match="caller: backend 'torch' cannot serve"):
+        op.select("torch", torch.device("cpu"), caller="caller")
     # Interpreted Triton is never an automatic choice on CPU tensors.
-    assert _dispatch.select("op", {"torch": lambda: None, "triton": lambda: None}, None,
-                            torch.device("cpu")) in ("cpu", "torch")
+    other = _scratch_op(monkeypatch, "other")
+    other.register("triton", lambda: None)
+    other.register("torch", lambda: None)
+    assert other.select(None, torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="registered twice"):
+        _dispatch.Op("other")
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        other.register("gpu", lambda: None)
+
+
+def test_every_op_registers_its_backends_in_its_own_file():
+    # One registry: each op file's OP is the registry's entry, with a torch reference.
+    import importlib
+
+    for name, op in _dispatch.OPS.items():
+        assert importlib.import_module(f"dvae_kernels.{name}").OP is op
+        assert "torch" in op.backends and op.backends["torch"].automatic
+    assert _dispatch.lacking("cuda", ["token_logprobs", "sample_tokens"]) == ["sample_tokens"]
 
 
 def test_info_tells_the_truth():
@@ -91,6 +117,14 @@ def test_info_tells_the_truth():
     assert "triton  cpu   unavailable: Triton runs on CUDA tensors" in out
     if not torch.cuda.is_available():
         assert "triton  cuda  unavailable: no CUDA device" in out
+    # the op x backend/device table: every registered op, with the reason for each refusal
+    table = out.split("op x backend/device", 1)[1]
+    for name in _dispatch.OPS:
+        assert f"\n  {name} " in table
+    row = next(line for line in table.splitlines() if line.startswith("  sample_tokens "))
+    assert row.split()[3] == "[1]" and row.split()[5] == "-"  # triton/cpu off; no cuda backend
+    assert "[1] Triton runs on CUDA tensors" in table
+    assert "token_logprobs           triton: no float64, V <= 262144" in table
 
 
 def test_torch_compile_inductor_all_ops():
@@ -150,11 +184,12 @@ def test_linear_ops_give_nan_for_inf_logits_like_token_logprobs():
 
 def test_cuda_eta_ops_are_never_chosen_automatically(monkeypatch):
     monkeypatch.setitem(_dispatch._PREFERENCE, "cuda", ("cuda", "torch"))
-    monkeypatch.setattr(_dispatch, "_refusal", lambda op, table, name, device, inputs: None)
+    monkeypatch.setattr(_dispatch, "backend_unavailable", lambda name, device: None)
     monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
     cuda = torch.device("cuda")
-    table = {"torch": None, "cuda": None}
-    assert _dispatch.select("solve_eta", table, None, cuda) == "torch"
-    assert _dispatch.select("daps_weights", table, None, cuda) == "torch"
-    assert _dispatch.select("token_logprobs", table, None, cuda) == "cuda"
-    assert _dispatch.select("solve_eta", table, "cuda", cuda) == "cuda"  # explicit still runs
+    r = torch.randn(2, 3)
+    ops = _dispatch.OPS
+    assert ops["solve_eta"].select(None, cuda, rewards=r, logq=r) == "torch"
+    assert ops["daps_weights"].select(None, cuda, rewards=r, logq=r) == "torch"
+    assert ops["token_logprobs"].select(None, cuda, logits=r, tokens=r) == "cuda"
+    assert ops["solve_eta"].select("cuda", cuda, rewards=r, logq=r) == "cuda"  # explicit runs

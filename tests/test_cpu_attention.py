@@ -1,4 +1,4 @@
-"""The C++ CPU attention (csrc/cpu/attention.cpp, ``dvae.models.fused.attention``): forward and
+"""The C++ CPU attention (csrc/cpu/attention.cpp, ``dvae_kernels.attention``): forward and
 backward against a float64 reference, within PyTorch's own SDPA error in float32; the model's
 layers through it; its checks; and SDPA wherever it does not apply."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dvae.models import fused
-from dvae_kernels import _csrc
+import dvae_kernels as dk
+from dvae_kernels import _csrc, _dispatch
 
 pytestmark = pytest.mark.skipif(_csrc.unavailable("cpu") is not None,
                                 reason=f"cpu backend unavailable: {_csrc.unavailable('cpu')}")
@@ -41,7 +41,7 @@ def _inputs(B, H, T, S, D, *, layout="bhtd", seed=0):
 def test_forward_and_backward_against_float64(B, H, T, S, D, causal, layout):
     q, k, v = (t.requires_grad_() for t in _inputs(B, H, T, S, D, layout=layout))
     g = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(9))
-    out = fused.attention(q, k, v, causal)
+    out = dk.attention(q, k, v, causal)
     out.backward(g)
     ours = [out.detach(), q.grad, k.grad, v.grad]
     # float64 reference and PyTorch's own float32 SDPA (the accuracy bar)
@@ -62,7 +62,7 @@ def test_forward_and_backward_against_float64(B, H, T, S, D, causal, layout):
 
 def test_layout_merges_heads_without_a_copy():
     q, k, v = _inputs(2, 4, 8, 8, 16, layout="bthd")
-    out = fused.attention(q, k, v, True)
+    out = dk.attention(q, k, v, True)
     # stored as [B, T, H, D]: transposing back gives a contiguous [B, T, H*D]
     assert out.transpose(1, 2).is_contiguous()
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True),
@@ -70,31 +70,31 @@ def test_layout_merges_heads_without_a_copy():
 
 
 def test_falls_back_to_sdpa_off_the_kernel(monkeypatch):
-    """float64, autocast and the traced CUDA path (FORCE_TRITON) go to SDPA; so does a missing
+    """float64, autocast and the traced CUDA path (as_if_cuda) go to SDPA; so does a missing
     extension."""
     calls = []
     real = F.scaled_dot_product_attention
-    monkeypatch.setattr(fused.F, "scaled_dot_product_attention",
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
                         lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q, k, v = _inputs(2, 2, 4, 4, 8)
-    fused.attention(q, k, v)
+    dk.attention(q, k, v)
     assert not calls
-    fused.attention(q.double(), k.double(), v.double())
+    dk.attention(q.double(), k.double(), v.double())
     assert len(calls) == 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused.attention(q, k, v)
+        dk.attention(q, k, v)
     assert len(calls) == 2
-    with fused.force_triton():
-        fused.attention(q, k, v)
+    with _dispatch.as_if_cuda():
+        dk.attention(q, k, v)
     assert len(calls) == 3
     monkeypatch.setattr(_csrc, "unavailable", lambda name: "not built")
-    fused.attention(q, k, v)
+    dk.attention(q, k, v)
     assert len(calls) == 4
 
 
 def test_checks_name_the_problem():
     q, k, v = _inputs(2, 2, 4, 4, 8)
-    op = torch.ops.dvae_kernels_C.attention_fwd
+    op = torch.ops.dvae_kernels.attention_fwd
     with pytest.raises(RuntimeError, match="k and v must have one shape"):
         op(q, k, v[:, :, :3], False, 1.0)
     with pytest.raises(RuntimeError, match="must agree in B, H and D"):
@@ -109,7 +109,10 @@ def test_checks_name_the_problem():
 
 def test_opcheck():
     q, k, v = (t.requires_grad_() for t in _inputs(2, 2, 5, 5, 8))
-    torch.library.opcheck(fused._cpu_attention_op, (q, k, v, True, 8 ** -0.5))
+    import importlib
+
+    op = importlib.import_module("dvae_kernels.attention")._op
+    torch.library.opcheck(op, (q, k, v, True, 8 ** -0.5))
 
 
 def test_model_layers_agree_with_sdpa(monkeypatch):
@@ -129,7 +132,7 @@ def test_model_layers_agree_with_sdpa(monkeypatch):
         return h.detach(), [p.grad.clone() for p in enc.parameters() if p.grad is not None]
 
     h, grads = run()
-    monkeypatch.setattr(fused, "_use_cpu_attention", lambda *ts: False)
+    monkeypatch.setenv(_dispatch.ENV_VAR, "torch")  # every op through SDPA and torch
     h_ref, grads_ref = run()
     torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads, grads_ref):

@@ -67,13 +67,13 @@ def _one_step(cfg, x, tokens, distributed):
     from torch import nn
 
     from dvae.models import build_model
-    from dvae.train_step import DAPSTrainStep
+    from dvae.train_step import TrainStep
 
     torch.manual_seed(0)
     model = build_model(cfg)
     model.sample = lambda x_, K, **kw: (tokens, None)
     fwd = nn.parallel.DistributedDataParallel(model) if distributed else model
-    step = DAPSTrainStep(fwd, cfg, distributed=distributed)
+    step = TrainStep(fwd, cfg, distributed=distributed)
     metrics = step(x, 0)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
 

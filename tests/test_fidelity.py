@@ -113,7 +113,7 @@ def test_bf16_autocast_step_matches_fp32_weights():
     the rewards and log q are computed and summed in float32 either way; only the transformer
     and decoder bodies run in bf16."""
     import dvae_kernels
-    from dvae.train_step import DAPSTrainStep
+    from dvae.train_step import TrainStep
 
     cfg = load_config("cifar10", ["dataset=synthetic", "batch_size=4", "num_samples=8",
                                   "latent_len=16", "d_model=32", "resnet_hidden=16",
@@ -124,7 +124,7 @@ def test_bf16_autocast_step_matches_fp32_weights():
     tokens, _ = model.sample(x, 8, generator=torch.Generator().manual_seed(1))
     out = {}
     for amp in (False, True):
-        step = DAPSTrainStep(model, cfg)
+        step = TrainStep(model, cfg)
         step.use_amp = amp
         with step.autocast():
             res = model(x, tokens)

@@ -316,20 +316,17 @@ def test_cpp_checks_name_the_problem():
     with pytest.raises(RuntimeError, match="logq must have the shape of rewards"):
         ops.daps_weights_fwd(x, x[:2], torch.tensor(0.5), torch.tensor(1.0))
     with pytest.raises(RuntimeError, match="ess_target must be a fraction"):
-        ops.solve_eta(x, x, torch.tensor(0.5), 1.5, 1e-6, 1e12)
+        ops.solve_eta_fwd(x, x, torch.tensor(0.5), 1.5, 1e-6, 1e12)
 
 
 @needs_cpu
 def test_automatic_choice_and_float64_refusal():
-    from dvae_kernels.token_logprobs import SUPPORTS
-
+    op = _dispatch.OPS["token_logprobs"]
     x = torch.randn(2, 7)
     t = torch.zeros(2, dtype=torch.long)
-    assert _dispatch.select("token_logprobs", SUPPORTS, None, x.device, logits=x,
-                            tokens=t) == "cpu"
+    assert op.select(None, x.device, logits=x, tokens=t) == "cpu"
     # float64 is refused by cpu with its reason; the automatic choice falls back to torch.
-    assert _dispatch.select("token_logprobs", SUPPORTS, None, x.device, logits=x.double(),
-                            tokens=t) == "torch"
+    assert op.select(None, x.device, logits=x.double(), tokens=t) == "torch"
     with pytest.raises(dk.BackendError, match="float64 logits are served by the torch"):
         dk.token_logprobs(x.double(), t, backend="cpu")
     with pytest.raises(dk.BackendError, match="float64 rewards"):

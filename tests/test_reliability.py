@@ -395,8 +395,8 @@ def test_unreadable_test_images_are_left_out_not_replaced(tmp_path):
     from PIL import Image
 
     from dvae.data import Preprocess
+    from dvae.evaluate import evaluate
     from dvae.models import build_model
-    from dvae.trainer import evaluate
 
     val = tmp_path / "val" / "a"
     val.mkdir(parents=True)

@@ -112,14 +112,14 @@ def test_sampler_with_the_cuda_kernels_draws_what_the_original_loop_draws(which)
     """The CUDA path's sampler (decode attention, add + LayerNorm and projection + add +
     LayerNorm as Triton kernels, here through the interpreter, float32) draws the original
     loop's tokens; log-probs agree to float32 rounding."""
-    from dvae.models import fused
+    from dvae_kernels import _dispatch
 
     enc = _encoder(L=6, layers=2)
     mem = enc.encode(torch.randn(2, 1, 8, 8))
     ref_sampler = _default_sampler(enc) if which == "default" else _fused_sampler(enc)
     ref_tokens, ref_logp = _original_sample(enc, mem, 3, torch.Generator().manual_seed(7),
                                             ref_sampler)
-    with fused.force_triton():
+    with _dispatch.as_if_cuda():  # the CUDA path's choices: the Triton kernels, interpreted
         tokens, logp = enc.sample(mem, 3, generator=torch.Generator().manual_seed(7),
                                   sampler=None if which == "default" else _fused_sampler(enc))
     assert torch.equal(tokens, ref_tokens)
@@ -132,11 +132,11 @@ def test_cuda_path_sampler_under_bf16_autocast_matches_teacher_forced():
     """The CUDA path's sampler in bf16 (the fused kernels through the interpreter, weights cast
     once per call, fc1 + ReLU through _addmm_activation): valid tokens whose log-probs equal
     the teacher-forced pass's to bf16 rounding."""
-    from dvae.models import fused
+    from dvae_kernels import _dispatch
 
     enc = _encoder(L=4, layers=2)
     mem = enc.encode(torch.randn(2, 1, 8, 8))
-    with fused.force_triton(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with _dispatch.as_if_cuda(), torch.autocast("cpu", dtype=torch.bfloat16):
         tokens, logp = enc.sample(mem, 3, generator=torch.Generator().manual_seed(2),
                                   sampler=_fused_sampler(enc))
     assert tokens.shape == (2, 3, 4) and bool(((tokens >= 0) & (tokens < 13)).all())

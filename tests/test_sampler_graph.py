@@ -12,7 +12,7 @@ import torch
 
 from dvae.config import load_config
 from dvae.models import build_model
-from dvae.train_step import DAPSTrainStep, GraphedSampler
+from dvae.train_step import GraphedSampler, TrainStep
 
 
 def _step(device="cpu", **over):
@@ -21,7 +21,7 @@ def _step(device="cpu", **over):
     model = build_model(cfg).to(device)
     g = torch.Generator(device=device).manual_seed(3)
     x = torch.randn(cfg.batch_size, 1, 8, 8, device=device)
-    return DAPSTrainStep(model, cfg, generator=g), x, g
+    return TrainStep(model, cfg, generator=g), x, g
 
 
 def test_config_validates_sampler_graph():

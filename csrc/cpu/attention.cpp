@@ -26,8 +26,8 @@ namespace dvae_kernels {
 namespace cpu {
 namespace {
 
-constexpr const char* kFwd = "dvae_kernels_C::attention_fwd";
-constexpr const char* kBwd = "dvae_kernels_C::attention_bwd";
+constexpr const char* kFwd = "dvae_kernels::attention_fwd";
+constexpr const char* kBwd = "dvae_kernels::attention_bwd";
 
 #if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
 inline float hsum(const Vec& v) {
@@ -286,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dvae_kernels_C, CPU, m) {
+TORCH_LIBRARY_IMPL(dvae_kernels, CPU, m) {
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
 }

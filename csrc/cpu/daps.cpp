@@ -18,8 +18,8 @@ namespace dvae_kernels {
 namespace cpu {
 namespace {
 
-constexpr const char* kWeights = "dvae_kernels_C::daps_weights_fwd";
-constexpr const char* kSolve = "dvae_kernels_C::solve_eta";
+constexpr const char* kWeights = "dvae_kernels::daps_weights_fwd";
+constexpr const char* kSolve = "dvae_kernels::solve_eta_fwd";
 constexpr int ITERS = 48;  // dvae_kernels/solve_eta.py ITERS
 // Below this many samples a batch is done on one thread (a task costs more than the rows).
 constexpr int64_t kParallelSamples = 65536;
@@ -133,9 +133,9 @@ at::Tensor solve_eta(const at::Tensor& rewards, const at::Tensor& logq, const at
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dvae_kernels_C, CPU, m) {
+TORCH_LIBRARY_IMPL(dvae_kernels, CPU, m) {
   m.impl("daps_weights_fwd", &daps_weights_fwd);
-  m.impl("solve_eta", &solve_eta);
+  m.impl("solve_eta_fwd", &solve_eta);
 }
 
 }  // namespace cpu

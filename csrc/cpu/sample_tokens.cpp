@@ -23,7 +23,7 @@ namespace dvae_kernels {
 namespace cpu {
 namespace {
 
-constexpr const char* kOp = "dvae_kernels_C::sample_tokens_fwd";
+constexpr const char* kOp = "dvae_kernels::sample_tokens_fwd";
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr uint32_t kM1 = 0x7FEB352Du;
 constexpr uint32_t kM2 = 0x5BD1E995u;
@@ -248,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor> sample_tokens_fwd(const at::Tensor& logits,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dvae_kernels_C, CPU, m) { m.impl("sample_tokens_fwd", &sample_tokens_fwd); }
+TORCH_LIBRARY_IMPL(dvae_kernels, CPU, m) { m.impl("sample_tokens_fwd", &sample_tokens_fwd); }
 
 }  // namespace cpu
 }  // namespace dvae_kernels

@@ -13,8 +13,8 @@ namespace dvae_kernels {
 namespace cpu {
 namespace {
 
-constexpr const char* kFwd = "dvae_kernels_C::token_logprobs_fwd";
-constexpr const char* kBwd = "dvae_kernels_C::token_logprobs_bwd";
+constexpr const char* kFwd = "dvae_kernels::token_logprobs_fwd";
+constexpr const char* kBwd = "dvae_kernels::token_logprobs_bwd";
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tensor& logits,
@@ -144,7 +144,7 @@ at::Tensor token_logprobs_bwd(const c10::optional<at::Tensor>& grad_logp,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dvae_kernels_C, CPU, m) {
+TORCH_LIBRARY_IMPL(dvae_kernels, CPU, m) {
   m.impl("token_logprobs_fwd", &token_logprobs_fwd);
   m.impl("token_logprobs_bwd", &token_logprobs_bwd);
 }

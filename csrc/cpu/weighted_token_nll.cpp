@@ -18,7 +18,7 @@ namespace dvae_kernels {
 namespace cpu {
 namespace {
 
-constexpr const char* kOp = "dvae_kernels_C::weighted_token_nll_fwd";
+constexpr const char* kOp = "dvae_kernels::weighted_token_nll_fwd";
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // dst = exp(src - shift) (dst may be src), returns Σ dst.
@@ -102,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_token_nll_fwd(const at::Tensor& logi
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dvae_kernels_C, CPU, m) {
+TORCH_LIBRARY_IMPL(dvae_kernels, CPU, m) {
   m.impl("weighted_token_nll_fwd", &weighted_token_nll_fwd);
 }
 

@@ -22,7 +22,7 @@ DType dtype_of(const at::Tensor& t) {
     case at::kFloat: return DType::kFloat32;
     case at::kBFloat16: return DType::kBFloat16;
     case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, "dvae_kernels_C: unsupported dtype ", describe(t));
+    default: TORCH_CHECK(false, "dvae_kernels: unsupported dtype ", describe(t));
   }
 }
 
@@ -36,7 +36,7 @@ void check_cuda(const char* op, const at::Tensor& t) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_impl(const at::Tensor& logits,
                                                                   const at::Tensor& tokens) {
-  constexpr const char* op = "dvae_kernels_C::token_logprobs_fwd";
+  constexpr const char* op = "dvae_kernels::token_logprobs_fwd";
   check_logits_tokens(op, logits, tokens);
   check_cuda(op, logits);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -54,7 +54,7 @@ at::Tensor token_logprobs_bwd_impl(const c10::optional<at::Tensor>& grad_logp,
                               const c10::optional<at::Tensor>& grad_entropy,
                               const at::Tensor& logits, const at::Tensor& tokens,
                               const at::Tensor& lse, const at::Tensor& entropy) {
-  constexpr const char* op = "dvae_kernels_C::token_logprobs_bwd";
+  constexpr const char* op = "dvae_kernels::token_logprobs_bwd";
   check_logits_tokens(op, logits, tokens);
   check_cuda(op, logits);
   const int64_t R = logits.size(0), V = logits.size(1);
@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_token_nll_fwd_impl(const at::Tensor&
                                                          const at::Tensor& tokens,
                                                          const at::Tensor& weights,
                                                          bool compute_grad) {
-  constexpr const char* op = "dvae_kernels_C::weighted_token_nll_fwd";
+  constexpr const char* op = "dvae_kernels::weighted_token_nll_fwd";
   check_logits_tokens(op, logits, tokens);
   check_cuda(op, logits);
   const int64_t R = logits.size(0), V = logits.size(1);
@@ -102,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> daps_weights_fwd_impl(const at::Tensor& rewar
                                                    const at::Tensor& logq,
                                                    const at::Tensor& beta,
                                                    const at::Tensor& eta) {
-  constexpr const char* op = "dvae_kernels_C::daps_weights_fwd";
+  constexpr const char* op = "dvae_kernels::daps_weights_fwd";
   check_daps_inputs(op, rewards, logq, beta);
   check_scalar_tensor(op, "eta", eta, rewards.device());
   check_cuda(op, rewards);
@@ -119,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> daps_weights_fwd_impl(const at::Tensor& rewar
 
 at::Tensor solve_eta_impl(const at::Tensor& rewards, const at::Tensor& logq, const at::Tensor& beta,
                      double ess_target, double eta_min, double eta_max) {
-  constexpr const char* op = "dvae_kernels_C::solve_eta";
+  constexpr const char* op = "dvae_kernels::solve_eta_fwd";
   check_daps_inputs(op, rewards, logq, beta);
   check_cuda(op, rewards);
   TORCH_CHECK(ess_target > 0.0 && ess_target <= 1.0, op,
@@ -143,12 +143,12 @@ at::Tensor solve_eta_impl(const at::Tensor& rewards, const at::Tensor& logq, con
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dvae_kernels_C, CUDA, m) {
+TORCH_LIBRARY_IMPL(dvae_kernels, CUDA, m) {
   m.impl("token_logprobs_fwd", &token_logprobs_fwd_impl);
   m.impl("token_logprobs_bwd", &token_logprobs_bwd_impl);
   m.impl("weighted_token_nll_fwd", &weighted_token_nll_fwd_impl);
   m.impl("daps_weights_fwd", &daps_weights_fwd_impl);
-  m.impl("solve_eta", &solve_eta_impl);
+  m.impl("solve_eta_fwd", &solve_eta_impl);
 }
 
 }  // namespace cuda

@@ -27,15 +27,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused, init
-from .fused import (
-    attention,
-    compute_dtype,
-    decode_attention,
-    embed_add_layer_norm,
-    linear_add_layer_norm,
-)
+import dvae_kernels
+from dvae_kernels import _dispatch, attention, decode_attention
+
+from . import init
 from .patches import Patcher
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype when autocast is on for ``x``'s device, else None."""
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def linear_add_layer_norm(a: torch.Tensor, linear: nn.Linear, x: torch.Tensor,
+                          ln: nn.LayerNorm, out_dtype: torch.dtype | None,
+                          cast: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x + linear(a)`` and the LayerNorm ``ln`` of it (:func:`dvae_kernels.
+    linear_add_layer_norm`), with ``cast`` the projection's ``(weight, bias)`` already in the
+    compute dtype, or None."""
+    weight, bias = cast if cast is not None else (linear.weight, linear.bias)
+    return dvae_kernels.linear_add_layer_norm(a, weight, bias, x, ln.weight, ln.bias, ln.eps,
+                                              out_dtype=out_dtype)
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -97,7 +112,7 @@ class SelfAttention(nn.Module):
              t_device: torch.Tensor | None = None, project: bool = True) -> torch.Tensor:
         """One position: x [B, 1, d]; kv_cache [2, B, h, L, dh] gets slot t (k and v in one
         write); attention reads only the t + 1 written slots (no mask, nothing else read):
-        :func:`dvae.models.fused.decode_attention`, one Triton kernel on CUDA that reads the
+        :func:`dvae_kernels.decode_attention`, one Triton kernel on CUDA that reads the
         position from ``t_device``."""
         B, _, d = x.shape
         h = self.heads
@@ -321,8 +336,10 @@ class ARTransformerEncoder(nn.Module):
         positions = torch.arange(L, dtype=torch.int32, device=memory.device)
         casts = [self._projection_casts(b, out_dtype, memory) for b in blocks]
         for t in range(L):
-            x, xn = embed_add_layer_norm(prev, self.tok_embed.weight, self.tok_pos[t],
-                                         blocks[0].ln1 if blocks else self.dec_ln, out_dtype)
+            ln = blocks[0].ln1 if blocks else self.dec_ln
+            x, xn = dvae_kernels.embed_add_layer_norm(prev, self.tok_embed.weight,
+                                                      self.tok_pos[t], ln.weight, ln.bias,
+                                                      ln.eps, out_dtype=out_dtype)
             x, xn = x[:, None, :], xn[:, None, :]
             for i, (block, (mk, mv), kv, norm, cast) in enumerate(
                     zip(blocks, mem_kv, caches, norms, casts)):
@@ -346,7 +363,8 @@ class ARTransformerEncoder(nn.Module):
         :func:`linear_add_layer_norm`, fc1 into its ReLU epilogue), cast to the
         compute dtype once per sampling call (None when nothing needs casting or the fused
         kernel is not used)."""
-        if dtype is None or not fused._use_triton(like):
+        if dtype is None or (_dispatch.OPS["linear_add_layer_norm"].first_available(like.device)
+                             != "triton"):
             return None
         lins = (block.self_attn.out, block.cross_attn.out, block.mlp.fc2, block.mlp.fc1)
         return tuple((lin.weight.detach().to(dtype),
