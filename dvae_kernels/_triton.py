@@ -73,6 +73,20 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+# The per-row kernels (token_logprobs, weighted_token_nll, sample_tokens) run one warp per
+# program over a tile of up to ROW_TILE values, 64 per thread, so that every row reduction
+# stays inside the warp (shuffles, no shared memory, no barrier). Several short rows share a
+# tile; a row longer than the tile is walked in tiles with the online update below.
+ROW_TILE = 2048
+ROW_WARPS = 1
+
+
+def row_tile(V: int) -> tuple[int, int]:
+    """(rows, columns) of one program's tile for rows of ``V`` values."""
+    block_v = min(next_power_of_2(V), ROW_TILE)
+    return max(1, ROW_TILE // block_v), block_v
+
+
 # Fast fp32 exponent and logarithm, base 2, for the kernels. On a GPU, ex2.approx.ftz and
 # lg2.approx.ftz: one MUFU instruction each (tl.math.exp2 compiles to the non-ftz ex2, which
 # wraps every MUFU in FSETP + two predicated FMULs for subnormal results; tl.log compiles to
@@ -100,4 +114,25 @@ if HAS_TRITON:
                                              dtype=tl.float32, is_pure=True, pack=1)
         else:
             return tl.math.log2(x)
+
+    @triton.jit
+    def online_softmax_step(x, m, m_safe, s, a, WITH_ENTROPY: tl.constexpr):
+        """Fold a [rows, cols] tile ``x`` (float32, -inf where masked) into each row's running
+        statistics, in base 2: the maximum ``m`` (-inf until a finite value is seen) and its
+        finite version ``m_safe`` (the shift), ``s = Σ 2^d2`` and, WITH_ENTROPY,
+        ``a = Σ 2^d2·d2`` with ``d2 = (x - m_safe)·log2 e``. Then ``lse = m_safe + log s``,
+        a log-probability is ``(x - m_safe) - log s`` (never ``x - lse``: exact for logits
+        of ±1e4) and the entropy ``(log2 s - a/s)·ln 2`` (no cancellation for large logits).
+        One MUFU.EX2 per value. Returns the new ``(m, m_safe, s, a)``."""
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = exp2_fast((m - m_new_safe) * LOG2E)  # 0 while nothing finite was seen
+        d2 = (x - m_new_safe[:, None]) * LOG2E
+        e = exp2_fast(d2)
+        if WITH_ENTROPY:
+            # -inf logits: e = 0 and d2 = -inf; the clamp keeps 0·(-inf) out of the sum.
+            a = alpha * (a + s * ((m_safe - m_new_safe) * LOG2E)) \
+                + tl.sum(e * tl.maximum(d2, -3.0e38), axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        return m_new, m_new_safe, s, a
 

@@ -46,7 +46,7 @@ from . import _autotune, _csrc, _dispatch, _validate
 from ._triton import HAS_TRITON, INTERPRET, next_power_of_2, target_capability, tl, triton
 
 if HAS_TRITON:
-    from ._triton import LN2, LOG2E, exp2_fast
+    from ._triton import LN2, LOG2E, exp2_fast, online_softmax_step
 from .token_logprobs import _acc_dtype
 
 # ---------------------------------------------------------------------------------------------
@@ -256,17 +256,7 @@ if HAS_TRITON:
             if not EVEN_V:  # columns past V (a last partial tile) weigh nothing
                 x = tl.where(col_ok[None, :], x, float("-inf"))
             picked += tl.sum(tl.where(cols[None, :] == tok32[:, None], x, 0.0), axis=1)
-            m_new = tl.maximum(m, tl.max(x, axis=1))
-            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = exp2_fast((m - m_new_safe) * LOG2E)  # 0 while nothing finite was seen
-            d2 = (x - m_new_safe[:, None]) * LOG2E
-            e = exp2_fast(d2)
-            # -inf logits: e = 0 and d2 = -inf; the clamp keeps 0·(-inf) out of the sum.
-            a = alpha * (a + s * ((m_safe - m_new_safe) * LOG2E)) \
-                + tl.sum(e * tl.maximum(d2, -3.0e38), axis=1)
-            s = alpha * s + tl.sum(e, axis=1)
-            m = m_new
-            m_safe = m_new_safe
+            m, m_safe, s, a = online_softmax_step(x, m, m_safe, s, a, True)
         log2_s = tl.math.log2(s)
         log_s = log2_s * LN2
         logp = tl.where(tok_ok, (picked - m_safe) - log_s, float("nan"))  # never x - lse

@@ -40,10 +40,10 @@ import math
 import torch
 
 from . import _csrc, _dispatch, _validate
-from ._triton import HAS_TRITON, next_power_of_2, tl, triton, vec16
+from ._triton import HAS_TRITON, ROW_WARPS, row_tile, tl, triton, vec16
 
 if HAS_TRITON:
-    from ._triton import LN2, LOG2E, exp2_fast, log2_fast
+    from ._triton import LN2, log2_fast, online_softmax_step
 from .token_logprobs import _acc_dtype, log_softmax_parts
 
 # ---------------------------------------------------------------------------------------------
@@ -151,10 +151,6 @@ def _torch_forward(logits: torch.Tensor, seeds: torch.Tensor, temperature: float
 # Triton backend
 # ---------------------------------------------------------------------------------------------
 
-# One warp per program over up to 2048 logits (row reductions by shuffles only).
-_TILE = 2048
-_WARPS = 1
-
 if HAS_TRITON:
 
     @triton.jit
@@ -207,12 +203,7 @@ if HAS_TRITON:
         else:
             z = x * inv_t
             score = z + gumbel_tl(keys, cols)
-            m_new = tl.maximum(m, tl.max(z, axis=1))
-            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = exp2_fast((m - m_new_safe) * LOG2E) * s \
-                + tl.sum(exp2_fast((z - m_new_safe[:, None]) * LOG2E), axis=1)
-            m = m_new
-            m_safe = m_new_safe
+            m, m_safe, s, _ = online_softmax_step(z, m, m_safe, s, s, False)
         tmax = tl.max(score, axis=1)
         targ = tl.argmax(score, axis=1)  # first maximum within the tile
         local = tl.arange(0, BLOCK_V)
@@ -258,23 +249,19 @@ if HAS_TRITON:
         tl.store(logp_ptr + rows, logp, mask=row_ok)
 
 
-def _tile(V: int) -> tuple[int, int]:
-    block_v = min(next_power_of_2(V), _TILE)
-    return max(1, _TILE // block_v), block_v
-
-
 def _triton_forward(logits: torch.Tensor, seeds: torch.Tensor, temperature: float):
     R, V = logits.shape
     tokens = torch.zeros(R, dtype=torch.int64, device=logits.device)
     logp = torch.empty(R, dtype=torch.float32, device=logits.device)
     if R == 0:
         return tokens, logp
-    block_r, block_v = _tile(V)
+    block_r, block_v = row_tile(V)
     greedy = temperature == 0.0
     _sample_tokens_kernel[(triton.cdiv(R, block_r),)](
         logits, seeds, tokens, logp, R, V, logits.stride(0),
         1.0 if greedy else 1.0 / temperature,
-        GREEDY=greedy, BLOCK_R=block_r, BLOCK_V=block_v, VEC=vec16(logits), num_warps=_WARPS,
+        GREEDY=greedy, BLOCK_R=block_r, BLOCK_V=block_v, VEC=vec16(logits),
+        num_warps=ROW_WARPS,
     )
     return tokens, logp
 

@@ -26,10 +26,10 @@ from typing import Optional
 import torch
 
 from . import _csrc, _dispatch, _validate
-from ._triton import HAS_TRITON, next_power_of_2, tl, triton, vec16
+from ._triton import HAS_TRITON, ROW_WARPS, row_tile, tl, triton, vec16
 
 if HAS_TRITON:
-    from ._triton import LN2, LOG2E, exp2_fast
+    from ._triton import LN2, LOG2E, exp2_fast, online_softmax_step
 
 # ---------------------------------------------------------------------------------------------
 # torch backend: the reference and the fallback. Math in float32 (float64 for float64 input).
@@ -101,12 +101,6 @@ def _torch_backward(grad_logp, grad_entropy, logits, tokens, lse, entropy):
 # Triton backend
 # ---------------------------------------------------------------------------------------------
 
-# Elements per program tile: one warp per program, 64 values per thread, so that every row
-# reduction stays inside a warp (shuffles, no shared memory, no barrier). A row longer than
-# the tile is walked in tiles with the online (max, sum) update.
-_TILE = 2048
-_WARPS = 1
-
 if HAS_TRITON:
 
     @triton.jit
@@ -136,18 +130,7 @@ if HAS_TRITON:
             mask = row_ok[:, None] & (cols[None, :] < V)
             x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask,
                         other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=1))
-            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = exp2_fast((m - m_new_safe) * LOG2E)  # 0 while nothing finite was seen
-            d2 = (x - m_new_safe[:, None]) * LOG2E
-            e = exp2_fast(d2)
-            if WITH_ENTROPY:
-                # -inf logits: e = 0 and d2 = -inf; the clamp keeps 0·(-inf) out of the sum.
-                a = alpha * (a + s * ((m_safe - m_new_safe) * LOG2E)) \
-                    + tl.sum(e * tl.maximum(d2, -3.0e38), axis=1)
-            s = alpha * s + tl.sum(e, axis=1)
-            m = m_new
-            m_safe = m_new_safe
+            m, m_safe, s, a = online_softmax_step(x, m, m_safe, s, a, WITH_ENTROPY)
         log2_s = tl.math.log2(s)
         tok = tl.load(tokens_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         tok_ok = (tok >= 0) & (tok < V)
@@ -199,11 +182,6 @@ if HAS_TRITON:
                      g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _tile(V: int) -> tuple[int, int]:
-    block_v = min(next_power_of_2(V), _TILE)
-    return max(1, _TILE // block_v), block_v
-
-
 def _triton_forward(logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool = True):
     R, V = logits.shape
     logp = torch.empty(R, dtype=torch.float32, device=logits.device)
@@ -211,11 +189,11 @@ def _triton_forward(logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bo
     ent = torch.empty(R if with_entropy else 0, dtype=torch.float32, device=logits.device)
     if R == 0:
         return logp, lse, ent
-    block_r, block_v = _tile(V)
+    block_r, block_v = row_tile(V)
     _token_logprobs_fwd_kernel[(triton.cdiv(R, block_r),)](
         logits, tokens, logp, lse, ent if with_entropy else lse, R, V, logits.stride(0),
         WITH_ENTROPY=with_entropy, BLOCK_R=block_r, BLOCK_V=block_v, VEC=vec16(logits),
-        num_warps=_WARPS,
+        num_warps=ROW_WARPS,
     )
     return logp, lse, ent
 
@@ -225,7 +203,7 @@ def _triton_backward(grad_logp, grad_entropy, logits, tokens, lse, entropy):
     grad = torch.empty((R, V), dtype=logits.dtype, device=logits.device)
     if R == 0 or V == 0:
         return grad
-    block_r, block_v = _tile(V)
+    block_r, block_v = row_tile(V)
     dummy = lse  # never read when the matching HAS_ flag is off
     _token_logprobs_bwd_kernel[(triton.cdiv(R, block_r),)](
         grad_logp.contiguous() if grad_logp is not None else dummy,
@@ -233,7 +211,7 @@ def _triton_backward(grad_logp, grad_entropy, logits, tokens, lse, entropy):
         logits, tokens, lse, entropy if grad_entropy is not None else dummy, grad, R, V,
         logits.stride(0), grad.stride(0),
         HAS_GLOGP=grad_logp is not None, HAS_GENT=grad_entropy is not None,
-        BLOCK_R=block_r, BLOCK_V=block_v, VEC=vec16(logits, grad), num_warps=_WARPS,
+        BLOCK_R=block_r, BLOCK_V=block_v, VEC=vec16(logits, grad), num_warps=ROW_WARPS,
     )
     return grad
 

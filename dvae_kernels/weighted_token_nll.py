@@ -21,11 +21,11 @@ from __future__ import annotations
 import torch
 
 from . import _csrc, _dispatch, _validate
-from ._triton import HAS_TRITON, next_power_of_2, tl, triton, vec16
+from ._triton import HAS_TRITON, ROW_WARPS, row_tile, tl, triton, vec16
 from .token_logprobs import MAX_V, _acc_dtype, log_softmax_parts
 
 if HAS_TRITON:
-    from ._triton import LN2, LOG2E, exp2_fast
+    from ._triton import LN2, LOG2E, exp2_fast, online_softmax_step
 
 # ---------------------------------------------------------------------------------------------
 # torch backend
@@ -55,10 +55,6 @@ def _torch_forward(logits, tokens, weights, compute_grad: bool):
 # ---------------------------------------------------------------------------------------------
 # Triton backend
 # ---------------------------------------------------------------------------------------------
-
-# One warp per program (row reductions by shuffles only), up to 2048 logits per program tile.
-_TILE = 2048
-_WARPS = 1
 
 if HAS_TRITON:
 
@@ -111,12 +107,7 @@ if HAS_TRITON:
                 mask = row_ok[:, None] & (cols[None, :] < V)
                 x = tl.load(logits_ptr + row_off[:, None] + cols[None, :], mask=mask,
                             other=float("-inf")).to(tl.float32)
-                m_new = tl.maximum(m, tl.max(x, axis=1))
-                m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                s = exp2_fast((m - m_new_safe) * LOG2E) * s \
-                    + tl.sum(exp2_fast((x - m_new_safe[:, None]) * LOG2E), axis=1)
-                m = m_new
-                m_safe = m_new_safe
+                m, m_safe, s, _ = online_softmax_step(x, m, m_safe, s, s, False)
             tl.store(loss_ptr + rows, -w * ((x_tok - m_safe) - tl.math.log2(s) * LN2),
                      mask=row_ok)
             if COMPUTE_GRAD:
@@ -132,11 +123,6 @@ if HAS_TRITON:
                              g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _tile(V: int) -> tuple[int, int]:
-    block_v = min(next_power_of_2(V), _TILE)
-    return max(1, _TILE // block_v), block_v
-
-
 def _triton_forward(logits, tokens, weights, compute_grad: bool):
     R, V = logits.shape
     loss = torch.empty(R, dtype=torch.float32, device=logits.device)
@@ -144,13 +130,13 @@ def _triton_forward(logits, tokens, weights, compute_grad: bool):
             else logits.new_empty((0,)))
     if R == 0:
         return loss, grad
-    block_r, block_v = _tile(V)
+    block_r, block_v = row_tile(V)
     _weighted_token_nll_kernel[(triton.cdiv(R, block_r),)](
         logits, tokens, weights, loss, grad if compute_grad else loss,
         R, V, logits.stride(0), grad.stride(0) if compute_grad else 0,
         COMPUTE_GRAD=compute_grad, BLOCK_R=block_r, BLOCK_V=block_v,
         ONE_TILE=V <= block_v, VEC=vec16(logits, *((grad,) if compute_grad else ())),
-        num_warps=_WARPS,
+        num_warps=ROW_WARPS,
     )
     return loss, grad
 
