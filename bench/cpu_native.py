@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench import harness
+from bench import machine, output, runner, specs, timing
 from dvae_kernels import _csrc
 
 PROVIDERS = ("cpu", "torch", "torch.compile")
@@ -33,7 +33,7 @@ SHAPES = [("ImageNet-256-like N=65536, V=1024", 65536, 1024, 64, 1024),
           ("LLM-like N=8192, V=32768", 8192, 32768, 4, 2048)]
 
 
-def cases(op: str, dtype: torch.dtype, quick: bool) -> list[harness.Case]:
+def cases(op: str, dtype: torch.dtype, quick: bool) -> list[specs.Case]:
     div = 16 if quick else 1
     out = []
     for label, rows, V, B, L in SHAPES:
@@ -41,7 +41,7 @@ def cases(op: str, dtype: torch.dtype, quick: bool) -> list[harness.Case]:
             dims = {"R": rows // div, "V": V}
         else:
             dims = {"B": B, "L": L // div, "V": V}
-        out.append(harness.Case(label + (" (quick: N/16)" if quick else ""), dims, dtype))
+        out.append(specs.Case(label + (" (quick: N/16)" if quick else ""), dims, dtype))
     return out
 
 
@@ -59,7 +59,7 @@ def ratio_table(rows: list[dict]) -> str:
         xc = comp / cpu if cpu and comp else None
         met = ("met" if xt and xc and xt >= 2 and xc >= 1 else
                "NOT met" if xt and xc else "-")
-        fmt = harness._fmt
+        fmt = output._fmt
         lines.append(f"{op:<20} {mode:<8} {shape[:22]:<22} {dtype:<9} {fmt(cpu, '9.1f'):>9} "
                      f"{fmt(eager, '9.1f'):>9} {fmt(comp, '10.1f'):>10} {fmt(xt, '8.2f'):>8} "
                      f"{fmt(xc, '9.2f'):>9}  {met}")
@@ -95,11 +95,11 @@ def main(argv=None) -> int:
     device = torch.device("cpu")
     # Eager torch takes seconds per call at these sizes: few rounds, one warm-up call (after
     # the checked first call, which also compiles).
-    settings = harness.Settings(quick=args.quick, budget_s=2.0, min_reps=3, max_reps=20,
+    settings = runner.Settings(quick=args.quick, budget_s=2.0, min_reps=3, max_reps=20,
                                 warmup=1)
     started = time.time()
-    report = {"schema": 1, "machine": harness.machine_info(device),
-              "roofline": harness.measure_roofline(device, quick=True),
+    report = {"schema": 1, "machine": machine.machine_info(device),
+              "roofline": timing.measure_roofline(device, quick=True),
               "config": {"argv": sys.argv[1:] if argv is None else list(argv),
                          "sets": ["cpu_native"], "budget_s": settings.budget_s,
                          "check_values": False, "ops_missing": []},
@@ -109,23 +109,23 @@ def main(argv=None) -> int:
           f"load average {load[0] if load else '?'}"
           + (" (busy machine: figures are noisy)" if load and load[0] > 1.5 else ""), flush=True)
     for op in args.ops:
-        spec = harness.SPEC_BY_NAME[op]
+        spec = specs.SPEC_BY_NAME[op]
         torch._dynamo.reset()
-        provs = [p for p in harness.providers_for(spec, device) if p.name in PROVIDERS]
+        provs = [p for p in runner.providers_for(spec, device) if p.name in PROVIDERS]
         for dtype_name in args.dtypes:
             for case in cases(op, getattr(torch, dtype_name), args.quick):
                 for mode in args.modes:
                     t0 = time.time()
-                    rows = harness.run_case(spec, case, "cpu_native", mode, provs, device,
+                    rows = runner.run_case(spec, case, "cpu_native", mode, provs, device,
                                             settings, report["roofline"])
                     report["rows"].extend(rows)
                     print(f"  {op} [{mode}] {case.key()} {dtype_name}: {time.time() - t0:.0f} s",
                           flush=True)
     report["config"]["wall_s"] = time.time() - started
     report["machine"]["loadavg_end"] = list(os.getloadavg())
-    paths = harness.write_results(Path(args.out), report)
+    paths = output.write_results(Path(args.out), report)
     print()
-    print(harness.format_table(report))
+    print(output.format_table(report))
     print()
     print(ratio_table(report["rows"]))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())} in "

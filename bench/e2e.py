@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from . import harness
+from . import machine, output, timing
 
 PHASES = ("sample", "reward", "teacher_forced", "weights", "losses", "optimizer")
 
@@ -105,7 +105,7 @@ def run_case(make_step, preset: str, batch_size: int, K: int | None, providers: 
             samples[p.name].append(time.perf_counter() - t0)
     for p, _, phases, start in built:
         row = rows[p.name]
-        row.update(harness.summarize(samples[p.name]))
+        row.update(timing.summarize(samples[p.name]))
         row["images_per_s"] = batch_size / (row["median_ms"] / 1e3)
         row["phases_ms"] = {
             name: statistics.median(times[start.get(name, 0):]) * 1e3
@@ -151,7 +151,7 @@ def row_key(row: dict) -> tuple:
 def format_table(report: dict) -> str:
     m = report["machine"]
     lines = [f"machine: {m['name']} ({m['device']}, load average "
-             f"{harness._fmt(m['loadavg'][0] if m.get('loadavg') else None, '.2f')} at start); "
+             f"{output._fmt(m['loadavg'][0] if m.get('loadavg') else None, '.2f')} at start); "
              f"torch {m['torch']}; "
              f"{m['date']}",
              f"{'preset':<12} {'batch':>5} {'K':>3} {'provider':<14} {'step ms':>9} "
@@ -178,13 +178,13 @@ def write_results(out_dir: Path, report: dict) -> list[Path]:
               "x_vs_torch", "setup_s"] + [f"{p}_ms" for p in PHASES]
     with cs.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields + [f"machine_{k}" for k in
-                                                   harness.MACHINE_FIELDS])
+                                                   output.MACHINE_FIELDS])
         w.writeheader()
         for r in report["rows"]:
             rec = {k: r.get(k) for k in fields}
             rec.update({f"{p}_ms": r.get("phases_ms", {}).get(p) for p in PHASES})
             rec.update({f"machine_{k}": report["machine"].get(k)
-                        for k in harness.MACHINE_FIELDS})
+                        for k in output.MACHINE_FIELDS})
             w.writerow(rec)
     return [js, cs]
 
@@ -236,7 +236,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--compare", metavar="BASELINE",
                     help="an e2e.json to compare step times with (exit 1 on a regression, 2 "
                          "when nothing was compared)")
-    ap.add_argument("--tolerance", type=float, default=harness.DEFAULT_TOLERANCE)
+    ap.add_argument("--tolerance", type=float, default=output.DEFAULT_TOLERANCE)
     return ap.parse_args(argv)
 
 
@@ -275,7 +275,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     out_dir = Path(args.out) if args.out else (
         Path(tempfile.mkdtemp(prefix="bench_e2e_")) if args.dry_run
         else Path("bench/results/latest"))
-    report = {"schema": 1, "machine": harness.machine_info(device),
+    report = {"schema": 1, "machine": machine.machine_info(device),
               "config": {"argv": list(argv) if argv is not None else sys.argv[1:],
                          "steps": steps, "warmup": warmup, "dry_run": args.dry_run,
                          "phase_timers": not args.no_phase_timers,
@@ -303,10 +303,10 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     failed = [r for r in report["rows"] + report.get("loop", []) if r["status"] != "ok"]
     code = 1 if failed else 0
     if args.compare:
-        c = harness.compare(harness.load_report(args.compare, ("baseline_e2e.json", "e2e.json")),
+        c = output.compare(output.load_report(args.compare, ("baseline_e2e.json", "e2e.json")),
                             report, args.tolerance,
                             key=row_key)
-        print(harness.format_comparison(c, args.tolerance, args.compare))
+        print(output.format_comparison(c, args.tolerance, args.compare))
         code = max(code, c.exit_code)
     return code
 

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from . import harness
+from . import output, specs
+from .machine import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("info", "tests", "micro", "e2e")
@@ -158,11 +159,11 @@ def run_micro(out: Path, env: dict, args) -> Part:
         cmd += ["--ops", *args.ops] if args.ops else []
         cmd += ["--budget", str(args.budget)] if args.budget else []
     baseline = out / "baseline.json"
-    note = _baseline_step(baseline, args, cmd, args.ops or [s.name for s in harness.SPECS])
+    note = _baseline_step(baseline, args, cmd, args.ops or [s.name for s in specs.SPECS])
     log = out / f"{dest.name}.log"
     rc, sec = _run("micro", cmd, log, env, timeout=7200)
     if rc == 0 and not args.dry_run and "--compare" not in cmd:
-        _merge_baseline(dest / "results.json", baseline, harness.row_key)
+        _merge_baseline(dest / "results.json", baseline, output.row_key)
     status = {0: "passed", 1: "regressed" if "--compare" in cmd else "failed"}.get(rc, "failed")
     if rc == 2 and "--compare" in cmd:
         status, note = "failed", "the comparison matched no row of the baseline"
@@ -246,7 +247,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="microbenchmarks' --quick shapes")
     ap.add_argument("--ops", nargs="+", metavar="OP", help="microbenchmarks of these ops only")
     ap.add_argument("--budget", type=float, help="microbenchmarks' --budget (seconds per case)")
-    ap.add_argument("--tolerance", type=float, default=harness.DEFAULT_TOLERANCE,
+    ap.add_argument("--tolerance", type=float, default=output.DEFAULT_TOLERANCE,
                     help="regression tolerance against the stored baselines")
     ap.add_argument("--update-baseline", action="store_true",
                     help="store this run's results as the machine's baselines")
@@ -260,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     device = torch.device("cpu" if args.dry_run else "cuda")
-    machine = harness.machine_info(device)
+    machine = machine_info(device)
     if args.out:
         out = Path(args.out)
     elif args.dry_run:

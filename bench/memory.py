@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         provider, N, D, V, device = args.child
         print(json.dumps(run_case(provider, int(N), int(D), int(V), device)))
         return 0
-    from .harness import machine_info
+    from .machine import machine_info
 
     rows = []
     for D in args.d:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import e2e, harness
+from bench import e2e, harness, output, runner, specs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def test_gpu_report_dry_run(tmp_path):
     micro = json.loads((out / "micro" / "results.json").read_text())
     timed = {(r["op"], r["provider"]) for r in micro["rows"] if r["status"] == "ok"}
     # Every op dvae_kernels has was timed through its torch backend.
-    for spec in harness.SPECS:
+    for spec in specs.SPECS:
         if spec.available():
             assert (spec.name, "torch") in timed
     e2e_rows = json.loads((out / "e2e" / "e2e.json").read_text())["rows"]
@@ -80,16 +80,16 @@ def test_quick_tiny_with_compile(tmp_path):
 
 def test_wrong_provider_is_not_timed():
     """A provider whose output disagrees with the torch backend is reported, not timed."""
-    spec = harness.TOKEN_LOGPROBS
-    case = harness.Case("tiny", {"R": 8, "V": 16})
-    good = harness.providers_for(spec, torch.device("cpu"), compile_reference=False)[0]
+    spec = specs.TOKEN_LOGPROBS
+    case = specs.Case("tiny", {"R": 8, "V": 16})
+    good = runner.providers_for(spec, torch.device("cpu"), compile_reference=False)[0]
     assert good.name == "torch"
     # Differentiable, so that the forward+backward mode reaches the comparison too.
-    bad = harness.Provider("bad", lambda i: 0 * i["logits"][:, 0].float())
+    bad = specs.Provider("bad", lambda i: 0 * i["logits"][:, 0].float())
     roofline = {"copy_GBps": 1.0, "matmul_TFLOPs": 1.0}
-    settings = harness.Settings(budget_s=0.01, min_reps=2, max_reps=3, warmup=1)
+    settings = runner.Settings(budget_s=0.01, min_reps=2, max_reps=3, warmup=1)
     for mode in ("fwd", "fwd+bwd"):
-        rows = {r["provider"]: r for r in harness.run_case(
+        rows = {r["provider"]: r for r in runner.run_case(
             spec, case, "t", mode, [good, bad], torch.device("cpu"), settings, roofline)}
         assert rows["torch"]["status"] == "ok" and rows["torch"]["samples"] >= 2
         assert rows["bad"]["status"].startswith("mismatch"), rows["bad"]
@@ -104,19 +104,19 @@ def _report(rows: list[tuple[str, float | None]], machine: str = "m") -> dict:
 
 def test_compare_logic():
     base = _report([("torch", 1.0), ("cpu", 2.0), ("liger", None)])
-    same = harness.compare(base, _report([("torch", 1.1), ("cpu", 2.0)]), tolerance=0.15)
+    same = output.compare(base, _report([("torch", 1.1), ("cpu", 2.0)]), tolerance=0.15)
     assert len(same.compared) == 2 and not same.regressions and same.exit_code == 0
-    slower = harness.compare(base, _report([("torch", 1.2), ("cpu", 1.0)]), tolerance=0.15)
+    slower = output.compare(base, _report([("torch", 1.2), ("cpu", 1.0)]), tolerance=0.15)
     assert [k[-1] for k, _, _ in slower.regressions] == ["torch"] and slower.exit_code == 1
     # A row without a timing on either side is not compared; nothing compared is its own code.
-    none = harness.compare(base, _report([("liger", 1.0), ("cuda", 1.0)]))
+    none = output.compare(base, _report([("liger", 1.0), ("cuda", 1.0)]))
     assert not none.compared and none.exit_code == 2
-    text = harness.format_comparison(none, 0.15, "base.json")
+    text = output.format_comparison(none, 0.15, "base.json")
     assert "nothing was compared" in text
-    other = harness.compare(base, _report([("torch", 1.0)], machine="other"))
-    assert "not comparable" in harness.format_comparison(other, 0.15, "base.json")
+    other = output.compare(base, _report([("torch", 1.0)], machine="other"))
+    assert "not comparable" in output.format_comparison(other, 0.15, "base.json")
     with pytest.raises(ValueError, match="tolerance"):
-        harness.compare(base, base, tolerance=-0.1)
+        output.compare(base, base, tolerance=-0.1)
 
 
 def test_compare_cli_exit_codes(tmp_path, capsys):
@@ -170,12 +170,12 @@ def test_gpu_report_baseline_pieces(tmp_path):
     baseline = tmp_path / "baseline.json"
     first = _report([("torch", 1.0)])
     (tmp_path / "a.json").write_text(json.dumps(first))
-    gpu_report._merge_baseline(tmp_path / "a.json", baseline, harness.row_key)
+    gpu_report._merge_baseline(tmp_path / "a.json", baseline, output.row_key)
     second = _report([("torch", 2.0), ("cpu", 3.0)])
     for r in second["rows"]:
         r["op"] = "other_op"
     (tmp_path / "b.json").write_text(json.dumps(second))
-    gpu_report._merge_baseline(tmp_path / "b.json", baseline, harness.row_key)
+    gpu_report._merge_baseline(tmp_path / "b.json", baseline, output.row_key)
     rows = json.loads(baseline.read_text())["rows"]
     assert sorted((r["op"], r["provider"]) for r in rows) == [
         ("op", "torch"), ("other_op", "cpu"), ("other_op", "torch")]
@@ -191,7 +191,7 @@ def test_gpu_report_baseline_pieces(tmp_path):
 def test_drop_in_specs_reference_matches_the_op(name):
     """The plain-PyTorch reference that torch.compile is given computes what the drop-in path
     computes (values and gradients), on the spec's own tiny inputs; padding included."""
-    spec = harness.SPEC_BY_NAME[name]
+    spec = specs.SPEC_BY_NAME[name]
     assert spec.available()
     gen = torch.Generator().manual_seed(0)
     inputs = spec.make(spec.sets["tiny"][0].dims, torch.float32, torch.device("cpu"), gen)
@@ -207,7 +207,7 @@ def test_drop_in_specs_reference_matches_the_op(name):
     (o1, g1), (o2, g2) = outs
     for a, b in zip(o1 + g1, o2 + g2):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
-    providers = {p.name: p for p in harness.providers_for(spec, torch.device("cpu"),
+    providers = {p.name: p for p in runner.providers_for(spec, torch.device("cpu"),
                                                           compile_reference=False)}
     assert providers["torch"].unavailable is None
 

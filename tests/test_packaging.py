@@ -128,3 +128,75 @@ sys.exit(main(["train", "steps=1"]))
     assert proc.stderr.strip().splitlines() == [
         "dvae: error: the dvae command needs the training extra (yaml is missing): "
         "pip install 'dvae[train]'"]
+
+
+# --- the three floors: dvae_kernels <- dvae <- bench, and no cycle among their modules --------
+
+PACKAGES = ("dvae_kernels", "dvae", "bench")
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports (every import statement, lazy ones too)."""
+    files = {}
+    for pkg in PACKAGES:
+        for f in (ROOT / pkg).rglob("*.py"):
+            parts = list(f.relative_to(ROOT).with_suffix("").parts)
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph: dict[str, set[str]] = {}
+    for mod, f in files.items():
+        package = mod.split(".") if f.name == "__init__.py" else mod.split(".")[:-1]
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package[:len(package) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                targets = [f"{target}.{a.name}" if f"{target}.{a.name}" in files else target
+                           for a in node.names]
+            else:
+                continue
+            deps |= {t for t in targets if t in files and t != mod}
+        graph[mod] = deps
+    return graph
+
+
+def test_floors_import_only_downwards():
+    order = {pkg: i for i, pkg in enumerate(PACKAGES)}
+    graph = _module_graph()
+    up = [f"{m} imports {d}" for m, deps in graph.items() for d in deps
+          if order[d.split(".")[0]] > order[m.split(".")[0]]]
+    assert not up, "\n".join(up)
+    # nothing outside tests/ imports from tests/
+    for pkg in PACKAGES + ("examples",):
+        for f in (ROOT / pkg).rglob("*.py"):
+            assert "tests" not in _top_level_imports(f), f"{f.relative_to(ROOT)} imports tests"
+
+
+def test_no_import_cycle():
+    graph = _module_graph()
+    assert "dvae.models.build" in graph["dvae.models"]
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                cycles.append(path[path.index(d):] + [d])
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_install_ships_the_library_and_the_training_module_only():
+    """``pip install .`` installs dvae_kernels and dvae; bench and tests run from a checkout."""
+    setuptools = pytest.importorskip("setuptools")
+    include = _pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
+    found = setuptools.find_packages(str(ROOT), include=include)
+    assert {p.split(".")[0] for p in found} == {"dvae", "dvae_kernels"}, found
