@@ -38,9 +38,8 @@ for wl, launch in S.launches_of(S.linear_workloads(256, 128, 1024), 90):
     names = launch.kernel.arg_names
     out[wl.label] = {"const": {names[k[0]]: v for k, v in launch.constexprs.items()
                                if not isinstance(v, bool)}}
-import importlib
-tlp = importlib.import_module("dvae_kernels.token_logprobs")
-out["expected"] = {"tile": tlp._tile(1024), "warps": tlp._WARPS}
+from dvae_kernels import _triton
+out["expected"] = {"tile": _triton.row_tile(1024), "warps": _triton.ROW_WARPS}
 print(json.dumps(out, default=str))
 """
 
