@@ -132,7 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         machine = rounds[0]["new"].get("machine")
+        from .tables import current_commit
+
         report = {"schema": 1, "machine": machine, "base": str(trees["base"]),
+                  "base_commit": current_commit(trees["base"]),
                   "e2e_args": args.e2e_args, "rounds": args.rounds, "rows": rows}
         (out / "ab.json").write_text(json.dumps(report, indent=1) + "\n")
         print(f"\nwrote {out / 'ab.json'}")

@@ -12,8 +12,9 @@ It runs, each in its own process, with its log kept:
 
 Everything goes under ``bench/results/<gpu-name>/``: the logs, ``micro/`` and ``e2e/`` results,
 ``summary.json`` and ``summary.md``. The first run on a machine stores its results as that
-machine's baselines (``baseline.json``, ``baseline_e2e.json``; commit them); later runs are
-checked against them (``--update-baseline`` replaces them).
+machine's baselines (``baseline.json``, ``baseline_e2e.json``); later runs into the same folder
+are checked against them (``--update-baseline`` replaces them). ``python -m bench.tables record``
+on ``micro/`` and ``e2e/`` keeps the figures as rows of the results tables.
 
 ``--dry-run`` does the same on the CPU at tiny sizes in a temporary folder (about a minute),
 so that CI keeps the report from rotting. It checks the pipeline, not the speed.

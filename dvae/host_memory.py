@@ -6,7 +6,7 @@ goes back to the kernel when freed, and the heap is trimmed whenever 128 KiB lie
 top. A training step allocates and frees the same large tensors every step (the MNIST step:
 dozens of 2-16 MiB activations, logits and gradients), so every step faults in and zeroes those
 pages again. On the 2-core development machines that cost a quarter of the MNIST step (about
-420 against 310 ms per step, measured alternately in one process; ``bench/results/``).
+420 against 310 ms per step, measured alternately in one process).
 
 :func:`keep_freed_memory` asks glibc (``mallopt``) to serve blocks up to 32 MiB (glibc's
 limit) from its heap and not to trim it below 2 GiB free: freed memory is reused by the next

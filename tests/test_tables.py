@@ -141,10 +141,7 @@ def test_plot_draws_each_table_with_rows(tmp_path):
         T.append("ab", [{"date": "d", "commit": commit, "machine": "m", "preset": "mnist",
                          "provider": "fused", "new_over_base": 0.8 + i / 10}], out)
     pytest.importorskip("matplotlib")
-    import unittest.mock as mock
-
-    with mock.patch.object(T, "RESULTS", out):
-        paths = T.plot(tmp_path / "plots")
+    paths = T.plot(tmp_path / "plots", results=out)
     assert [p.name for p in paths] == ["ab.png"] and paths[0].stat().st_size > 1000
 
 
