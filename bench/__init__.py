@@ -1,4 +1,4 @@
-"""Benchmarks of dvae_kernels and of the DAPS training step (DESIGN.md §5).
+"""Benchmarks of dvae_kernels and of the DAPS training step (docs/conventions.md#performance).
 
 * ``python -m bench`` - kernel microbenchmarks (:mod:`bench.harness`).
 * ``python -m bench.e2e`` - the training step, fused ops against the ``torch`` backend.

@@ -1,10 +1,11 @@
 """The C++ ``cpu`` backend against the eager ``torch`` backend and ``torch.compile`` of the
-op's plain-PyTorch reference, on the CPU (DESIGN.md §5: ≥ 2× eager, ≥ torch.compile).
+op's plain-PyTorch reference, on the CPU (the target, docs/conventions.md#the-targets: ≥ 2×
+eager, ≥ torch.compile).
 
     python -m bench.cpu_native [--quick] [--ops token_logprobs weighted_token_nll]
                                [--dtypes float32 bfloat16] [--out DIR]
 
-Shapes (issue 3): N = 65536 rows × V = 1024 (the ImageNet-256 configuration's K·L tokens of
+Shapes: N = 65536 rows × V = 1024 (the ImageNet-256 configuration's K·L tokens of
 eight images) and N = 8192 × V = 32768 (an LLM-like vocabulary), float32 and bfloat16, forward
 and forward+backward. ``--quick`` divides N by 16 (a smoke run of a few minutes).
 

@@ -1,6 +1,6 @@
 """End-to-end benchmark of the DAPS training step: ``python -m bench.e2e``.
 
-One training step (DESIGN.md §1: sample, reward, teacher-forced pass, weights, losses,
+One training step (docs/algorithm.md: sample, reward, teacher-forced pass, weights, losses,
 optimiser) at the paper's configurations, with the fused ops (``kernel_backend=None``: the
 fastest backend that serves each call) against the ``torch`` backend, and optionally under
 ``torch.compile``. Reports images per second and the seconds of each phase.
@@ -49,7 +49,8 @@ class Provider:
 
 # The torch baselines are the plain PyTorch model: materialised logits, torch backend.
 PROVIDERS = {
-    "torch": Provider("torch", "torch", False, "never"),  # DESIGN.md §5's baseline, no compile
+    # the baseline of the targets (docs/conventions.md#the-targets): no compile
+    "torch": Provider("torch", "torch", False, "never"),
     "fused": Provider("fused", None, False),
     "fused+compile": Provider("fused+compile", None, True),
     "torch+compile": Provider("torch+compile", "torch", True, "never"),
@@ -224,7 +225,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     metavar="KEY=VALUE", help="config overrides passed to make_step")
     ap.add_argument("--no-phase-timers", action="store_true",
                     help="no per-phase times: the step then never synchronises the device "
-                         "inside, so its time is the one to quote against DESIGN.md §5")
+                         "inside, so its time is the one to quote against the targets")
     ap.add_argument("--loop", action="store_true",
                     help="also time the trainer's own loop against its bare step (data, "
                          "metrics, progress bar: the loop's overhead, as a ratio)")

@@ -54,12 +54,12 @@ Assumptions (each a choice a measurement can overturn; bench/README.md lists the
   reuse across ops, no re-reads inside an op); a broadcast (stride 0) dimension counts once.
 
 Peaks (:data:`GPUS`): H100 and H200 copy bandwidth and bf16 matmul rate were measured on the
-project's machines (/work/shared/ENVIRONMENT.md: about 3.0 TB/s, 4.3 TB/s and 790 TFLOP/s); fp32
-rates and all A100 figures are public spec sheets, labelled as such. ``--calibration FILE``
-replaces them with measured ones: a JSON object with any of ``copy_tbps``, ``bf16_tflops``,
-``fp32_tflops``, ``launch_us_eager``, ``launch_us_graphed``. ``--measure FILE`` writes such a
-file on a machine with a GPU (a 1 GiB device copy, an 8192³ bf16 matmul, empty-kernel launches
-eager and replayed from a CUDA graph).
+project's machines (about 3.0 TB/s, 4.3 TB/s and 790 TFLOP/s;
+docs/conventions.md#predictions-without-a-gpu); fp32 rates and all A100 figures are public spec
+sheets, labelled as such. ``--calibration FILE`` replaces them with measured ones: a JSON object
+with any of ``copy_tbps``, ``bf16_tflops``, ``fp32_tflops``, ``launch_us_eager``,
+``launch_us_graphed``. ``--measure FILE`` writes such a file on a machine with a GPU (a 1 GiB
+device copy, an 8192³ bf16 matmul, empty-kernel launches eager and replayed from a CUDA graph).
 """
 
 from __future__ import annotations
@@ -577,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     recorder, cfg = trace_step(args.preset, args.overrides)
     doc = summarise(recorder, cfg, gpu)
+    doc["overrides"] = list(args.overrides)
     doc["trace_seconds"] = time.perf_counter() - t0
     print(format_report(doc))
     print(f"(traced in {doc['trace_seconds']:.0f} s on fake tensors)")

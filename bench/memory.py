@@ -24,10 +24,10 @@ memory available now, or (on a CPU, without ``--all``) when it would take more t
 ``--max-tflop`` of matmul work. On the project's 2-core CPU machine (busy) the default run
 takes about 4 minutes and measures D = 128 at V = 1024 and 16384 and D = 768 at V = 1024;
 ``--max-tflop 8`` adds D = 768, V = 16384 (about 20 minutes in all, recorded under
-bench/results/memory/). V = 65536 does not fit materialised in 24 GiB (48 GiB needed), nor do
-GPT-2's V = 50257 (37 GiB) and a 131072-token vocabulary (96 GiB) at N = 65536: on such a
-machine they are measured at ``--n 8192`` (bench/results/memory/<machine>-v50257/).
-The target (DESIGN.md §5): fused at most 1/8 of materialised at every V >= 16384 measured.
+bench/results/memory.csv). V = 65536 does not fit materialised in 24 GiB (48 GiB needed), nor
+do GPT-2's V = 50257 (37 GiB) and a 131072-token vocabulary (96 GiB) at N = 65536: on such a
+machine they are measured at ``--n 8192``. The target: fused at most 1/8 of materialised at
+every V >= 16384 measured.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A wall-clock-budgeted training run of one Table 1 method (DESIGN.md §7), then its test
+"""A wall-clock-budgeted training run of one Table 1 method (docs/algorithm.md), then its test
 figures, written with the machine they ran on.
 
     python -m bench.replicate --method M --preset P --minutes T [--out DIR]

@@ -96,7 +96,7 @@ def _tokens(shape, V, device, gen) -> torch.Tensor:
     return torch.randint(0, V, shape, device=device, generator=gen)
 
 
-# The paper's shapes (DESIGN.md §1): rows = N·K·L sampled tokens of one training step.
+# The paper's shapes (docs/algorithm.md): rows = N·K·L sampled tokens of one training step.
 _PAPER_ROWS = [
     ("MNIST N·K·L=256·8·8", 256 * 8 * 8, 256),
     ("CIFAR-10 N·K·L=256·8·64", 256 * 8 * 64, 512),

@@ -27,12 +27,12 @@ op phase must move under the autograd contract (the forward cannot know the upst
 gradient): each input once, the outputs the backward needs, the gradient once.
 
 GPU constants (:data:`GPUS`): copy bandwidth and bf16 tensor peak are the figures measured on
-the project's H100/H200 machines (ENVIRONMENT.md: device copy about 3.0 / 4.3 TB/s, bf16
-matmul about 790 TFLOP/s). Assumed, not measured: 132 SMs at 1.755 GHz, 4 warp-instructions
-issued per SM per clock (one per scheduler), MUFU at 16 lanes per SM per clock (0.5
-warp-instructions), 65,536 registers, 228 KiB shared memory and 64 warps per SM, L2 50 MiB.
-A kernel with fewer programs than SMs gets that share of the bandwidth and tensor peak.
-sm_80 builds are compiled and disassembled (registers, spills, instruction mix) but not
+the project's H100/H200 machines (device copy about 3.0 / 4.3 TB/s, bf16 matmul about 790
+TFLOP/s; docs/conventions.md#predictions-without-a-gpu). Assumed, not measured: 132 SMs at 1.755
+GHz, 4 warp-instructions issued per SM per clock (one per scheduler), MUFU at 16 lanes per SM
+per clock (0.5 warp-instructions), 65,536 registers, 228 KiB shared memory and 64 warps per SM,
+L2 50 MiB. A kernel with fewer programs than SMs gets that share of the bandwidth and tensor
+peak. sm_80 builds are compiled and disassembled (registers, spills, instruction mix) but not
 predicted: no A100 constants were measured.
 
 Writes ``DIR/static.json`` (a list of records: op, phase, kernel, arch, shape, gpu, regs,

@@ -4,7 +4,7 @@ Each run directory's ``metrics.jsonl`` describes it: its first record holds the 
 bits per image, the machine and the whole configuration; the last test record holds the
 figures; the last training record the steps and the training wall-clock. β-ELBO is defined
 only where q is a distribution: VQ-VAE and FSQ show "n/a". The published figures of
-DESIGN.md §7 (mean of seeds, at 250k-300k steps) stand beside the runs' for the paper's
+docs/algorithm.md (mean of seeds, at 250k-300k steps) stand beside the runs' for the paper's
 datasets.
 """
 
@@ -22,7 +22,7 @@ LABELS = {"fsq": "FSQ", "vq": "VQ-VAE", "grmck": "GR-MCK", "grmck_na": "GR-MCK-N
           "daps_na": "DAPS-NA"}
 # Table 1's order
 ORDER = ("fsq", "vq", "grmck", "grmck_na", "gumbel", "gumbel_na", "daps", "daps_na")
-# DESIGN.md §7: published test PSNR (dB) per dataset
+# docs/algorithm.md: published test PSNR (dB) per dataset
 PAPER_PSNR = {
     "mnist": {"fsq": 18.42, "vq": 18.45, "grmck": 16.78, "gumbel": 16.30, "gumbel_na": 18.21,
               "daps": 18.23, "daps_na": 18.36},
@@ -119,7 +119,7 @@ def table(rows: list[dict], fmt: str = "markdown") -> str:
         lines.append("| " + " | ".join(_fmt(c, row[c]) for c in cols) + " |")
     machines = {json.dumps(r["machine"], sort_keys=True) for r in rows if r["machine"]}
     notes = ["", "β-ELBO: nats per image at β_end; n/a for VQ-VAE and FSQ (no distribution "
-             "q, no KL). paper PSNR: DESIGN.md §7 (mean of seeds, 250k-300k steps)."]
+             "q, no KL). paper PSNR: docs/algorithm.md (mean of seeds, 250k-300k steps)."]
     for m in sorted(machines):
         d = json.loads(m)
         gpu = f", {d['gpu']}" if d.get("gpu") else ""

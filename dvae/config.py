@@ -1,8 +1,8 @@
 """Training configuration: one flat dataclass, four presets, YAML files and key=value overrides.
 
-The presets follow DESIGN.md §1's table (the paper's configurations) and add ``digits``, a
-small real dataset that ships with scikit-learn so that ``dvae train`` with no arguments
-trains on a CPU in minutes.
+The presets follow the paper's configurations (the table in docs/algorithm.md) and add
+``digits``, a small real dataset that ships with scikit-learn so that ``dvae train`` with no
+arguments trains on a CPU in minutes.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class Config:
     # --- the factorised (non-autoregressive) encoder of daps_na, vq, fsq, gumbel_na, grmck_na
     na_layers: int = 2  # bidirectional layers of the factorised encoder
     na_mlp_ratio: int = 6  # its MLP width / d
-    # --- baselines (DESIGN.md §7) ---
+    # --- baselines (docs/algorithm.md) ---
     fsq_levels: list[int] = field(default_factory=lambda: [8, 6, 5])  # FSQ levels per dim
     fsq_adapter_width: int = 85  # FSQ's extra decoder Dense: MLP width (ResNet: d*ratio)
     commitment: float = 0.25  # VQ-VAE commitment weight (codebook loss weight is 1)
@@ -57,7 +57,7 @@ class Config:
     temp_end: float = 1.0  # ... at the last step
     grmck_k: int = 100  # GR-MCK Monte-Carlo samples per token
     lr_schedule: str = "constant"  # constant | cosine (to 0.1 lr, optax alpha=0.1)
-    # --- DAPS (DESIGN.md §1) ---
+    # --- DAPS (docs/algorithm.md) ---
     num_samples: int = 8  # K
     ess_target: float = 0.33  # rho: target mean ESS = rho * K
     eta_mode: str = "learned"  # learned (paper) | solved (solve_eta each step)
@@ -201,9 +201,9 @@ class Config:
 
 KERNEL_BACKENDS = (None, "auto", "torch", "triton", "cuda", "cpu")
 
-# The paper's Table 1 methods (DESIGN.md §7). The factorised ones use the bidirectional
+# The paper's Table 1 methods (docs/algorithm.md). The factorised ones use the bidirectional
 # "self-attention recognition model" with one output per token; the others the
-# autoregressive encoder of DESIGN.md §1.
+# autoregressive encoder of docs/algorithm.md.
 METHODS = ("daps", "daps_na", "vq", "fsq", "gumbel", "gumbel_na", "grmck", "grmck_na")
 FACTORISED = frozenset({"daps_na", "vq", "fsq", "gumbel_na", "grmck_na"})
 # Methods whose latent is a categorical distribution q(z|x) (a KL to the uniform prior, hence
@@ -311,7 +311,7 @@ def keys_help() -> str:
             f"own; presets: {presets}):\n" + "\n".join(rows))
 
 
-# The paper's configurations (DESIGN.md §1 table) and the CPU demo.
+# The paper's configurations (docs/algorithm.md, the configurations table) and the CPU demo.
 PRESETS: dict[str, dict[str, Any]] = {
     # 1797 real 8x8 digits from scikit-learn; 4 tokens of 6 bits; a few minutes on 2 cores.
     # eta is solved each step: the learned eta starts at 100 and needs thousands of steps to

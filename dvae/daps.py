@@ -1,4 +1,4 @@
-"""The DAPS objective of DESIGN.md §1, on the dvae_kernels ops.
+"""The DAPS objective of docs/algorithm.md, on the dvae_kernels ops.
 
 For a batch of N images with K sampled latent sequences each:
 
@@ -91,7 +91,7 @@ def daps_losses(logpx: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear
                 ess_target: float, eta_mode: str = "learned", use_logits: bool = False,
                 backend: str | None = None, fp32: bool = False, precision=None,
                 gather=None, phases=None, backward: bool = False) -> DAPSTerms:
-    """One DAPS objective evaluation (DESIGN.md §1, steps 2-8): the composition the training
+    """One DAPS objective evaluation (docs/algorithm.md, steps 2-8): the composition the training
     step runs (:class:`dvae.objectives.DAPSObjective`) and the tests check.
 
     Args:

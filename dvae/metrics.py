@@ -1,4 +1,4 @@
-"""Reconstruction and codebook metrics (DESIGN.md §1 step 10), on pixels in [0, 1]."""
+"""Reconstruction and codebook metrics (docs/algorithm.md, step 10), on pixels in [0, 1]."""
 
 from __future__ import annotations
 

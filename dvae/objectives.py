@@ -1,4 +1,4 @@
-"""The training objectives of the paper's Table 1 (DESIGN.md §7), one shape for all.
+"""The training objectives of the paper's Table 1 (docs/algorithm.md), one shape for all.
 
 An objective is one method's part of a training step: it samples or encodes, forms the losses
 and backpropagates them, each inside its profiling phase ("sample", "reward",
@@ -64,7 +64,7 @@ class Objective:
 
 
 class DAPSObjective(Objective):
-    """DAPS and DAPS-NA (DESIGN.md §1): K samples per image without gradient, their rewards
+    """DAPS and DAPS-NA (docs/algorithm.md): K samples per image without gradient, their rewards
     and teacher-forced log q, the trust-region weights, weighted maximum likelihood."""
 
     def __init__(self, step):
@@ -80,7 +80,7 @@ class DAPSObjective(Objective):
         # reward and teacher_forced are timed inside the model's forward (one DDP forward)
         with st.autocast():
             out = st.model(x, tokens, **self._phase_kw())
-        # The trust region is the global batch's (DESIGN.md §1 step 6): under torchrun every
+        # The trust region is the global batch's (docs/algorithm.md, step 6): under torchrun every
         # rank sees all [N, K] rewards and log q (a few KB), solves the same η and keeps the
         # weights of its own rows. log q and the head in float32 with fp32_outputs.
         terms = daps.daps_losses(

@@ -1,4 +1,4 @@
-"""Optimisers of DESIGN.md §1 step 9: AdamW, adaptive unit-wise gradient clipping (AGC), and
+"""Optimisers of docs/algorithm.md, step 9: AdamW, adaptive unit-wise gradient clipping (AGC), and
 skipping a step whose loss or gradients are not finite, all without a host synchronisation.
 
 AGC (Brock et al. 2021, as in optax.adaptive_grad_clip): for each output unit u of a weight,

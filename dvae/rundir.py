@@ -1,4 +1,4 @@
-"""An out_dir belongs to one run (DESIGN.md §8).
+"""An out_dir belongs to one run (docs/conventions.md#runs).
 
 * A lock file (``out_dir/.dvae.lock``, an exclusive ``flock``) keeps a second process out
   while a run is alive; the kernel drops the lock when the process dies, even by ``kill -9``,

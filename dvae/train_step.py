@@ -1,5 +1,5 @@
 """One training step, shared by the trainer and the benchmark API: the method's objective
-(:mod:`dvae.objectives`) and the optimisation every method shares. For DAPS (DESIGN.md §1):
+(:mod:`dvae.objectives`) and the optimisation every method shares. For DAPS (docs/algorithm.md):
 
     sample          K sequences per image from q_θ (KV cache, no gradient)
     reward          decoder forward: log p_φ(x|z) for each sample

@@ -1,6 +1,6 @@
 """dvae_kernels: fused kernels for discrete-latent models trained by policy search (DAPS).
 
-Ops (DESIGN.md §3), each with ``torch`` and ``triton`` backends (``cpu``/``cuda`` when the
+Ops (docs/conventions.md), each with ``torch`` and ``triton`` backends (``cpu``/``cuda`` when the
 C++/CUDA extension is built) and registered with ``torch.library``:
 
 * :func:`token_logprobs` - per-token log-probabilities (and entropies) of sampled tokens.

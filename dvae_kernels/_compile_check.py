@@ -1,12 +1,12 @@
 """Compile every Triton kernel for real GPUs (sm_80, sm_90) without a GPU, as launches run it.
 
-The interpreter accepts programs the GPU compiler rejects (ENVIRONMENT.md), so CI also runs
-``python -m dvae_kernels._compile_check``. The variants compiled are not written by hand: the
-op launchers run on ``meta`` tensors at shapes chosen to reach every constexpr branch
-(:func:`dvae_kernels._specialize.compile_check_workloads`), and each launch is compiled with
-the signature, constexprs, 16-byte divisibility attributes and options Triton's own binder
-derives from its arguments (:mod:`dvae_kernels._specialize`; ``bench.static`` compiles the
-same way). So what passes here is what a GPU launch compiles. Run it without TRITON_INTERPRET.
+The interpreter accepts programs the GPU compiler rejects (a ``tl.dot`` with K < 16, say), so CI
+also runs ``python -m dvae_kernels._compile_check``. The variants compiled are not written by
+hand: the op launchers run on ``meta`` tensors at shapes chosen to reach every constexpr branch
+(:func:`dvae_kernels._specialize.compile_check_workloads`), and each launch is compiled with the
+signature, constexprs, 16-byte divisibility attributes and options Triton's own binder derives
+from its arguments (:mod:`dvae_kernels._specialize`; ``bench.static`` compiles the same way). So
+what passes here is what a GPU launch compiles. Run it without TRITON_INTERPRET.
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """Every Triton launch of the package, specialised exactly as a real launch is, without a GPU.
 
-A real launch lets Triton's JIT specialise the kernel on its arguments: pointers 16-byte
-aligned get ``tt.divisibility = 16``, integers divisible by 16 likewise, integers equal to 1
-become constexprs, and the launcher's own constexprs and ``num_warps``/``num_stages`` apply.
-Compiling hand-written signatures (as ``_compile_check`` used to) compiles variants that never
-run. Here the op files' own launchers (``_triton_forward``/``_triton_backward``) run on
-``meta`` tensors (no memory, 16-byte aligned data pointers, real shapes and strides) while
-:func:`capture` replaces ``JITFunction.run``: each launch is recorded with the signature,
-constexprs, attributes and options that Triton's binder derives from the arguments, and the
-grid, instead of being compiled and run. ``_compile_check`` and ``bench.static`` compile these
-records with ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target, options)``,
-which is what ``JITFunction.run`` itself does on a GPU.
+A real launch lets Triton's JIT specialise the kernel on its arguments: pointers 16-byte aligned
+get ``tt.divisibility = 16``, integers divisible by 16 likewise, integers equal to 1 become
+constexprs, and the launcher's own constexprs and ``num_warps``/``num_stages`` apply. Compiling
+hand-written signatures instead would compile variants that never run. Here the op files' own
+launchers (``_triton_forward``/``_triton_backward``) run on ``meta`` tensors (no memory, 16-byte
+aligned data pointers, real shapes and strides) while :func:`capture` replaces
+``JITFunction.run``: each launch is recorded with the signature, constexprs, attributes and
+options that Triton's binder derives from the arguments, and the grid, instead of being compiled
+and run. ``_compile_check`` and ``bench.static`` compile these records with
+``triton.compile(ASTSource(fn, signature, constexprs, attrs), target, options)``, which is what
+``JITFunction.run`` itself does on a GPU.
 
 Run without TRITON_INTERPRET (the interpreter replaces the kernels).
 """

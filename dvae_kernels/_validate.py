@@ -1,4 +1,4 @@
-"""Input checks shared by the ops: one precise message per constraint (DESIGN.md §3).
+"""Input checks shared by the ops: one precise message per constraint (docs/conventions.md).
 
 Value checks that read tensor data (token range, finite beta/eta) would force a host
 synchronisation on CUDA; they run on CPU tensors always, on CUDA tensors only in eager mode

@@ -1,6 +1,6 @@
 """daps_weights: the non-parametric target's importance weights and effective sample size.
 
-DESIGN.md §1 steps 3-6, per row i over its K samples:
+docs/algorithm.md, steps 3-6, per row i over its K samples:
 
     A_ik   = r_ik - logsumexp_k r_ik                       (advantages)
     s_ik   = (A_ik - beta * logq_ik) / (eta + beta)
@@ -29,7 +29,7 @@ from ._triton import HAS_TRITON, next_power_of_2, tl, triton
 
 
 def scores(rewards, logq, beta, eta):
-    """s = (A - beta·logq)/(eta + beta) with the logsumexp baseline (DESIGN.md §1.5)."""
+    """s = (A - beta·logq)/(eta + beta) with the logsumexp baseline (docs/algorithm.md, step 5)."""
     advantages = rewards - torch.logsumexp(rewards, dim=-1, keepdim=True)
     return (advantages - beta * logq) / (eta + beta)
 
@@ -120,8 +120,8 @@ OP.register("torch", _torch_forward)
 OP.register("triton", _triton_forward, supports=supports_triton,
             limits=f"no float64, K <= {MAX_K}")
 OP.register("cpu", _native_forward, supports=supports_native, limits="no float64")
-# The CUDA kernel runs one block for the whole batch: a reading of its compiled code put it at
-# about 10x the Triton kernel's time at the paper's N x K, so it runs only when asked for.
+# The CUDA kernel runs one block for the whole batch, which cannot fill a GPU at the paper's
+# N x K as the Triton kernel's row tiles do: it runs only when asked for by name.
 OP.register("cuda", _native_forward, supports=supports_native, automatic=False,
             limits="no float64, explicit backend='cuda' only")
 

@@ -32,8 +32,9 @@ the upstream gradient before it exists. That is known only for a scalar loss who
 1; here logp and entropy feed arbitrary downstream code (DAPS weights, KL terms), and the two
 outputs have independent gradients. Each backward kernel recomputes the logits once (per
 hidden slice): 2·N·V·D FLOPs each on top of dH and dW, for O(N·D + splits·V·D) memory.
-Before issue 9 a single kernel added both products with fp32 atomics (8.6 GB of atomic payload
-at N = 524,288, D = 128, V = 1024, and run-to-run differences in the last bits).
+Why not one kernel adding both products with fp32 atomics: its atomic payload is
+2·N·V·D/BLOCK·4 bytes (gigabytes at the DAPS shape), and the order of the atomic adds changes
+the last bits from run to run.
 """
 
 from __future__ import annotations
@@ -466,9 +467,8 @@ def _triton_forward(hidden, weight, tokens, bias):
 # loops over V, its [64, 256] fp32 accumulator in registers (64 per thread at 8 warps). dW: a
 # program owns a V tile and a BLOCK_DW slice and loops over its split of the rows; the number
 # of splits is chosen so that the grid has at least _DW_PROGRAMS programs. Slices of 256 halve
-# the logits recomputed at D = 512 against 128 (bench.static: fwd+bwd 0.29 -> 0.57 of the H100
-# roofline); before sm_90 the dW kernel spills at 256 (no wgmma: its operands live in
-# registers), so it takes 128 there.
+# the logits recomputed at D = 512 against slices of 128; before sm_90 the dW kernel spills at
+# 256 (no wgmma: its operands live in registers), so it takes 128 there.
 BWD_CONFIG = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64, "BLOCK_DH": 256, "BLOCK_DW": 256,
               "num_warps": 8}
 _BLOCK_DW_PRE_SM90 = 128

@@ -4,11 +4,11 @@
              .gather(-1, tokens[..., None])[..., 0])
     then .sum(), .mean() over tokens, or kept per token ("none")
 
-The encoder's weighted maximum-likelihood loss (DESIGN.md §1.7) straight from the last hidden
-states. It is the fused :func:`linear_token_logprobs` op followed by a weighted reduction of
-one float per token: the weights only scale the per-token gradient ``g_logp = -w`` that the
-fused backward already takes, so a separate kernel would save nothing but that [N]-element
-product. Its backends are therefore those of linear_token_logprobs (the same OP) and
+The encoder's weighted maximum-likelihood loss (docs/algorithm.md, step 7) straight from the
+last hidden states. It is the fused :func:`linear_token_logprobs` op followed by a weighted
+reduction of one float per token: the weights only scale the per-token gradient ``g_logp = -w``
+that the fused backward already takes, so a separate kernel would save nothing but that
+[N]-element product. Its backends are therefore those of linear_token_logprobs (the same OP) and
 it inherits that op's memory bound, O(N + V·D) instead of O(N·V).
 """
 

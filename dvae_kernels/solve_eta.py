@@ -1,9 +1,9 @@
 """solve_eta: the trust-region temperature eta at which the batch-mean ESS equals a target.
 
-DESIGN.md §1.6: ESS_i(eta) = 1/Σ_k w_ik(eta)² with the weights of :mod:`daps_weights`. The mean
-ESS rises monotonically from (nearly) 1 as eta -> 0 (with beta = 0) to K as eta -> inf, so the
-target ``ess_target·K`` is met by bisection on log eta. Every backend runs the same algorithm,
-so they agree to rounding:
+docs/algorithm.md, step 6: ESS_i(eta) = 1/Σ_k w_ik(eta)² with the weights of
+:mod:`daps_weights`. The mean ESS rises monotonically from (nearly) 1 as eta -> 0 (with beta =
+0) to K as eta -> inf, so the target ``ess_target·K`` is met by bisection on log eta. Every
+backend runs the same algorithm, so they agree to rounding:
 
     target = ess_target * K
     if N == 0:                   return eta_max     (nothing constrains eta)

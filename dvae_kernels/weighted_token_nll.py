@@ -9,9 +9,9 @@ Gradient in the backward pass, on every device. The forward computes only the lo
 of the logits); the backward runs the same kernel once more with the weights multiplied by the
 incoming gradient (in float32), writing the final gradient ``w·g·(softmax(x) - onehot(t))``
 straight away: one read and one [R, V] write. Computing the gradient in the forward and scaling
-it in the backward (what CUDA did before issue 9) moves 4 [R, V] passes instead of 3, rounded
-the scale to the logits' dtype (in fp16 with ``reduction="mean"`` over 5e5 tokens the gradient
-underflowed to zero), and on the CPU paid page faults for a second buffer. The op still
+it in the backward would move 4 [R, V] passes instead of 3, round the scale to the logits'
+dtype (in fp16 with ``reduction="mean"`` over 5e5 tokens the gradient underflows to zero), and
+on the CPU pay page faults for a second buffer. The op still
 accepts ``compute_grad=True`` (its backward then scales in float32). When the logits do not
 require grad, no buffer is written.
 """

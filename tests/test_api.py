@@ -14,7 +14,7 @@ X = torch.randn(3, 5)
 T = torch.tensor([0, 4, 2])
 
 
-# Each bad input of DESIGN.md §3 raises a clear error naming the argument.
+# Each bad input of docs/conventions.md raises a clear error naming the argument.
 @pytest.mark.parametrize("call,exc,match", [
     (lambda: dk.token_logprobs(X, torch.tensor([0, 5, 1])), ValueError, r"tokens must lie in \[0, V\) = \[0, 5\)"),
     (lambda: dk.token_logprobs(X, torch.tensor([-1, 0, 1])), ValueError, "tokens must lie"),

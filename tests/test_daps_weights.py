@@ -1,4 +1,4 @@
-"""daps_weights and solve_eta against a float64 transcription of DESIGN.md §1 steps 3-6."""
+"""daps_weights and solve_eta against a float64 transcription of docs/algorithm.md, steps 3-6."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The DAPS objective (dvae.daps) against a direct float64 transcription of DESIGN.md §1, and
+"""The DAPS objective (dvae.daps) against a direct float64 transcription of docs/algorithm.md, and
 the optimiser pieces (adaptive clipping, the non-finite skip)."""
 
 import math

@@ -1,6 +1,6 @@
 """Kill -9 at random moments (saves included), resume, repeat: the finished run must be
 bit-identical to an uninterrupted one, with every logged step once and no temporary files
-left behind (DESIGN.md §8)."""
+left behind (docs/conventions.md#runs)."""
 
 import json
 import os

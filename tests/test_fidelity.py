@@ -1,4 +1,4 @@
-"""Replication fidelity (DESIGN.md §7, issue 12): the authors' initialisation, per-sample
+"""Replication fidelity (docs/algorithm.md): the authors' initialisation, per-sample
 BatchNorm statistics, float32 rewards and log q under bf16 autocast, the paper's ImageNet
 evaluation protocol."""
 

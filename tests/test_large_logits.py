@@ -1,4 +1,4 @@
-"""Log-probabilities at logits of ±1e4 on every backend (DESIGN.md §6, issue 9).
+"""Log-probabilities at logits of ±1e4 on every backend (docs/conventions.md#testing).
 
 V = 1000 equal logits: every log-probability is exactly -log V. A kernel that computes
 ``x - lse`` in float32 is off by up to half an ulp of ``lse`` (about 5e-4 at 1e4, 2000x

@@ -1,4 +1,4 @@
-"""The Table 1 methods (DESIGN.md §7): each estimator and loss against a float64
+"""The Table 1 methods (docs/algorithm.md): each estimator and loss against a float64
 transcription of the authors' formulas on tiny shapes, the objectives' compositions, and a
 short training run per method on digits through ``dvae train`` (metrics, grid, improvement),
 summarised by ``dvae compare``."""
@@ -219,7 +219,7 @@ def test_daps_na_samples_the_factorised_q():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_builds_for_every_preset(method):
-    """The paper's sizes (DESIGN.md §7) for every preset."""
+    """The paper's sizes (docs/algorithm.md) for every preset."""
     expect = {"mnist": (8, 256), "cifar10": (64, 512), "imagenet256": (1024, 1024)}
     for preset in ("digits", "mnist", "cifar10", "imagenet256"):
         cfg = load_config(preset, [f"method={method}"])
@@ -302,7 +302,7 @@ def test_dvae_compare_errors_are_one_line(tmp_path, capsys):
 
 
 def test_bench_replicate_takes_overrides_anywhere(tmp_path, capsys):
-    """Options and key=value overrides in any order (argparse used to drop overrides given
+    """Options and key=value overrides in any order (plain argparse drops overrides given
     after options), a wall-clock budget, and result.json with the machine."""
     from bench.replicate import main
 

@@ -1,5 +1,5 @@
 """The C++ extension (csrc/): the ``cpu`` backend against float64 on the shape grid of
-DESIGN.md §6, its input checks, how it is chosen, and the package without it.
+docs/conventions.md#testing, its input checks, how it is chosen, and the package without it.
 
 The ``cuda`` backend runs the same tests on a GPU machine (marked ``gpu``; skipped here).
 """

@@ -1,5 +1,5 @@
-"""DESIGN.md §8, item by item as issue 13 numbered them: no lost run, no silently wrong result,
-one-line errors for every mistake a user can make."""
+"""The guarantees of docs/conventions.md#runs, item by item: no lost run, no silently wrong
+result, one-line errors for every mistake a user can make."""
 
 import errno
 import hashlib

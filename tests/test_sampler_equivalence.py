@@ -34,7 +34,8 @@ def _merge(x):
 
 @torch.no_grad()
 def _original_sample(enc, memory, K, generator, sampler):
-    """The sampler before issue 10, from the weights (float32, CPU)."""
+    """The plain sampling loop the KV-cache sampler replaces (a full static cache, a boolean
+    row mask, SDPA over all L slots), from the weights (float32, CPU): the oracle."""
     N = memory.shape[0]
     L, V, h = enc.latent_len, enc.vocab_size, enc.num_heads
     B, dh = N * K, enc.d_model // h

@@ -1,4 +1,4 @@
-"""token_logprobs: every CPU-runnable backend against a float64 transcription (DESIGN.md §6)."""
+"""token_logprobs: every CPU-runnable backend against a float64 transcription (docs/conventions.md#testing)."""
 
 import pytest
 import torch

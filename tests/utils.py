@@ -1,4 +1,4 @@
-"""Tolerances and comparisons shared by the tests (DESIGN.md §6, STYLE.md 5).
+"""Tolerances and comparisons shared by the tests (docs/conventions.md#testing).
 
 The rule: a backend's error against a float64 computation is at most twice the error of the
 torch backend run on the same inputs in the same dtype, plus a floor per dtype (one table,

@@ -1,4 +1,4 @@
-"""The paper's comparison methods (DESIGN.md §7), on the shared decoders and likelihoods.
+"""The paper's comparison methods (docs/algorithm.md), on the shared decoders and likelihoods.
 
 * :class:`RelaxedAutoencoder`: Gumbel-softmax (straight-through) and GR-MCK (Gumbel-Rao,
   Monte-Carlo over k conditional Gumbels), with the autoregressive encoder ("gumbel",

@@ -1,4 +1,4 @@
-"""The autoregressive transformer encoder q_θ(z|x) of DESIGN.md §1 (the DAPS "policy").
+"""The autoregressive transformer encoder q_θ(z|x) of docs/algorithm.md (the DAPS "policy").
 
     patches(x) -> Dense(d) -> bidirectional transformer -> memory [N, P, d]
     [start, z_1 .. z_{L-1}] -> causal transformer (self-attn, cross-attn to memory) -> Dense(V)

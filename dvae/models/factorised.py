@@ -1,4 +1,4 @@
-"""The factorised encoder of DESIGN.md §7: the reference's "self-attention recognition
+"""The factorised encoder of docs/algorithm.md: the reference's "self-attention recognition
 model", one output per latent token, no autoregression.
 
     patches(x) -> Dense(d) + sinusoidal positions -> n bidirectional blocks -> LayerNorm
@@ -38,7 +38,7 @@ class FactorisedEncoder(nn.Module):
         image_shape: ``(C, H, W)``.
         latent_len: L tokens (= patches).
         vocab_size: V for a categorical head; None for none (VQ-VAE, FSQ).
-        d_model, num_heads, layers, mlp_ratio: the transformer (DESIGN.md §7 sizes).
+        d_model, num_heads, layers, mlp_ratio: the transformer (docs/algorithm.md sizes).
     """
 
     def __init__(self, image_shape: tuple[int, int, int], latent_len: int,

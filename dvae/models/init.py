@@ -1,4 +1,4 @@
-"""The authors' initialisation (DESIGN.md §7), as flax defines it, for torch layers.
+"""The authors' initialisation (docs/algorithm.md), as flax defines it, for torch layers.
 
 * Dense layers outside the transformer (patch projection, MLP decoder) and all convolutions:
   ``lecun_normal`` (flax's default kernel init: a normal truncated at ±2σ, rescaled so that the
