@@ -115,15 +115,21 @@ def supports_native(rewards, logq) -> str | None:
     return _csrc.refuse_float64("rewards", rewards)
 
 
+def register_backends(op: _dispatch.Op, torch_forward, triton_forward, native_forward) -> None:
+    """The backends of an op over [N, K] rows of samples (daps_weights, solve_eta), which
+    accept the same inputs. Their CUDA kernels run one block for the whole batch and, by a
+    reading of their compiled code, several times slower than the Triton kernels at the
+    paper's N x K, so they run only when asked for by name."""
+    op.register("torch", torch_forward)
+    op.register("triton", triton_forward, supports=supports_triton,
+                limits=f"no float64, K <= {MAX_K}")
+    op.register("cpu", native_forward, supports=supports_native, limits="no float64")
+    op.register("cuda", native_forward, supports=supports_native, automatic=False,
+                limits="no float64, explicit backend='cuda' only")
+
+
 OP = _dispatch.Op("daps_weights")
-OP.register("torch", _torch_forward)
-OP.register("triton", _triton_forward, supports=supports_triton,
-            limits=f"no float64, K <= {MAX_K}")
-OP.register("cpu", _native_forward, supports=supports_native, limits="no float64")
-# The CUDA kernel runs one block for the whole batch, which cannot fill a GPU at the paper's
-# N x K as the Triton kernel's row tiles do: it runs only when asked for by name.
-OP.register("cuda", _native_forward, supports=supports_native, automatic=False,
-            limits="no float64, explicit backend='cuda' only")
+register_backends(OP, _torch_forward, _triton_forward, _native_forward)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,14 +33,7 @@ import torch
 
 from . import _csrc, _dispatch, _validate
 from ._triton import HAS_TRITON, tl, triton
-from .daps_weights import (
-    MAX_K,
-    as_rows,
-    check_rewards_logq,
-    row_tile,
-    supports_native,
-    supports_triton,
-)
+from .daps_weights import MAX_K, as_rows, check_rewards_logq, register_backends, row_tile
 
 ITERS = 48
 
@@ -167,13 +160,7 @@ def _native_forward(rewards, logq, beta, ess_target: float, eta_min: float, eta_
 
 
 OP = _dispatch.Op("solve_eta")
-OP.register("torch", _torch_forward)
-OP.register("triton", _triton_forward, supports=supports_triton,
-            limits=f"no float64, K <= {MAX_K}")
-OP.register("cpu", _native_forward, supports=supports_native, limits="no float64")
-# One block for the whole bisection, like the CUDA daps_weights: explicit use only.
-OP.register("cuda", _native_forward, supports=supports_native, automatic=False,
-            limits="no float64, explicit backend='cuda' only")
+register_backends(OP, _torch_forward, _triton_forward, _native_forward)
 
 
 # ---------------------------------------------------------------------------------------------
