@@ -171,7 +171,7 @@ def _c_linear_token_logprobs(args, out):
 
 
 def _c_linear_token_logprobs_backward(args, out):
-    hidden, weight = args[3], args[4]
+    hidden, weight = args[4], args[5]
     casts = sum(1 for t in _tensors(out) if t.dtype != torch.float32)
     # three zeroed fp32 accumulators, one kernel (logits recomputed, dh and dW), casts back
     return 3 + 1 + casts, 3 * _linear_flops(hidden, weight), _half(hidden)

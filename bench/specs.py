@@ -4,8 +4,8 @@ FLOPs one call moves or does, written as a formula. An op is benchmarked only wh
 ``dvae_kernels`` has it.
 
 Adding an op: write its ``OpSpec`` here and append it to ``SPECS``. A spec that is not one
-dvae_kernels function (``categorical_head``: the FusedCategoricalHead's log_prob with its
-entropy) names its callable in ``op=`` and the registered op whose backends it has in
+dvae_kernels function (``categorical_head``: the FusedCategoricalHead's log-probabilities with
+their entropy) names its callable in ``op=`` and the registered op whose backends it has in
 ``supports_of=``."""
 
 from __future__ import annotations
@@ -500,7 +500,7 @@ _HEADS: dict[tuple, Any] = {}
 
 
 def categorical_head_log_prob_entropy(hidden, weight, bias, tokens, *, backend=None):
-    """``FusedCategoricalHead.log_prob(hidden, tokens, return_entropy=True)`` with the given
+    """``FusedCategoricalHead(hidden, targets=tokens, return_entropy=True)`` with the given
     parameters (the head is built once per shape on the meta device; ``functional_call``
     binds ``weight`` and ``bias``), so the module's own code path is what is timed."""
     from dvae_kernels.nn import FusedCategoricalHead

@@ -132,11 +132,12 @@ def daps_losses(logpx: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear
             # log-probabilities (its gradient is one backward pass of the same op).
             if use_logits:
                 logp_tok, entropy = dvae_kernels.token_logprobs(
-                    head(hidden), tokens, return_entropy=True, backend=backend)
+                    head(hidden), tokens, return_entropy=True, ignore_index=None,
+                    backend=backend)
             else:
                 logp_tok, entropy = dvae_kernels.linear_token_logprobs(
                     hidden, head.weight, tokens, head.bias, return_entropy=True,
-                    backend=backend)
+                    ignore_index=None, backend=backend)
             entropy = entropy.detach()
         logq = logp_tok.detach().sum(-1)
     with ph("weights"):

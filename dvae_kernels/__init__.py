@@ -21,6 +21,9 @@ Drop-in paths for other models (built on the linear ops):
   distribution ``softmax(-‖h - c‖²/τ)`` (stochastic VQ, dVAE tokenizers).
 * :func:`causal_lm_token_logprobs` - shifted, padding-masked token log-probabilities and
   entropies of a causal LM (PPO/GRPO), from its hidden states and LM head.
+* :mod:`dvae_kernels.policy` - fused policy losses for LLM RL from hidden states and the LM
+  head: ``grpo_loss``, ``ppo_loss`` and ``daps_policy_loss`` (the DAPS update on K
+  completions per prompt).
 
 Transformer-decoding kernels (the autoregressive sampler's, where launches cost more than the
 work; no backward of their own, the torch backend serves differentiable calls):
@@ -34,6 +37,7 @@ work; no backward of their own, the torch backend serves differentiable calls):
 ``python -m dvae_kernels.info`` prints versions, devices and an op × backend × device table.
 """
 
+from . import policy  # noqa: E402  (grpo_loss, ppo_loss, daps_policy_loss)
 from ._dispatch import BACKENDS, BackendError
 from ._validate import no_value_checks
 from .add_layer_norm import add_layer_norm, embed_add_layer_norm
@@ -73,6 +77,7 @@ __all__ = [
     "linear_token_logprobs",
     "linear_weighted_token_nll",
     "no_value_checks",
+    "policy",
     "sample_tokens",
     "solve_eta",
     "token_logprobs",

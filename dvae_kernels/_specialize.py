@@ -197,11 +197,18 @@ def linear_workloads(N: int, D: int, V: int, dtype: str = "bf16", bias: bool = F
     out = [Workload("linear_token_logprobs", "fwd", shape,
                     lambda: ltl._triton_forward(h, w, tokens, b)),
            Workload("linear_token_logprobs", "bwd", shape,
-                    lambda: ltl._triton_backward(rowf, None, None, h, w, tokens, b, rowf, rowf))]
+                    lambda: ltl._triton_backward(rowf, None, None, None, h, w, tokens, b, rowf,
+                                                 rowf))]
     if all_variants:
         out.append(Workload("linear_token_logprobs", "bwd_all_grads", shape,
-                            lambda: ltl._triton_backward(rowf, rowf, rowf, h, w, tokens, b,
-                                                         rowf, rowf)))
+                            lambda: ltl._triton_backward(rowf, rowf, rowf, None, h, w, tokens,
+                                                         b, rowf, rowf)))
+        # temperature, softcap and the mean logit (label smoothing), forward and backward
+        out += [Workload("linear_token_logprobs", "fwd_transformed", shape,
+                         lambda: ltl._triton_forward(h, w, tokens, b, 0.5, 30.0, True)),
+                Workload("linear_token_logprobs", "bwd_transformed", shape,
+                         lambda: ltl._triton_backward(rowf, rowf, None, rowf, h, w, tokens, b,
+                                                      rowf, rowf, 0.5, 30.0))]
     return out
 
 

@@ -116,6 +116,30 @@ if HAS_TRITON:
             return tl.math.log2(x)
 
     @triton.jit
+    def tanh_f32(u):
+        """tanh(u) in float32 to a few ulps without libdevice (which the interpreter lacks):
+        below |u| = 0.3 an odd Taylor polynomial to u^11 (truncation under 1e-9 relative),
+        above it (1 - e)/(1 + e) with e = 2^(-2|u|·log2 e) (the subtraction loses at most a
+        factor 1.2). tanh(±inf) = ±1."""
+        a = tl.abs(u)
+        a2 = a * a
+        poly = a * (1.0 + a2 * (-0.3333333333333333 + a2 * (
+            0.13333333333333333 + a2 * (-0.05396825396825397 + a2 * (
+                0.021869488536155203 + a2 * -0.008863235529902197)))))
+        e = tl.math.exp2(a * (-2.0 * LOG2E))
+        t = tl.where(a < 0.3, poly, (1.0 - e) / (1.0 + e))
+        return tl.where(u < 0.0, -t, t)
+
+    @triton.jit
+    def transform_logits(x, inv_temp, cap, SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+        """``x / temperature`` (SCALE) then ``cap·tanh(x / cap)`` (SOFTCAP), float32."""
+        if SCALE:
+            x = x * inv_temp
+        if SOFTCAP:
+            x = cap * tanh_f32(x / cap)
+        return x
+
+    @triton.jit
     def online_softmax_step(x, m, m_safe, s, a, WITH_ENTROPY: tl.constexpr):
         """Fold a [rows, cols] tile ``x`` (float32, -inf where masked) into each row's running
         statistics, in base 2: the maximum ``m`` (-inf until a finite value is seen) and its

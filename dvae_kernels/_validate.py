@@ -78,9 +78,36 @@ def no_value_checks():
         _SKIP_VALUE_CHECKS -= 1
 
 
+def under_transform() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jacrev, ...) is active: the ops then
+    compute their PyTorch reference with plain differentiable ops (the registered ops' autograd
+    rules are not functorch rules), and read no values (vmap forbids data-dependent checks)."""
+    if torch.compiler.is_compiling():
+        return False  # dynamo traces the ops' registered custom ops
+    try:
+        interpreter = torch._C._functorch.peek_interpreter_stack()
+    except AttributeError:  # pragma: no cover - functorch is part of every supported torch
+        return False
+    if interpreter is None:
+        return False
+    kind = torch._C._functorch.TransformType
+    return interpreter.key() in (kind.Grad, kind.Vmap, kind.Jvp)
+
+
+def refuse_sampling_under_transform(op: str) -> None:
+    """The samplers under ``torch.func``: one error saying what to do instead."""
+    if under_transform():
+        raise RuntimeError(
+            f"{op} under a torch.func transform (vmap, grad): sampling is not differentiable "
+            "and draws from a random stream; sample outside the transform and pass the tokens "
+            "in (the log-prob ops then give their log-probabilities and gradients)")
+
+
 def values_checkable(t: torch.Tensor) -> bool:
     """Whether reading ``t``'s values now is allowed (no sync in compiled/captured code)."""
     if _SKIP_VALUE_CHECKS or os.environ.get("DVAE_KERNELS_CHECK_VALUES", "1") == "0":
+        return False
+    if under_transform():
         return False
     if torch.compiler.is_compiling():
         return False
@@ -89,15 +116,19 @@ def values_checkable(t: torch.Tensor) -> bool:
     return t.device.type in ("cpu", "cuda")
 
 
-def check_token_range(tokens: torch.Tensor, V: int) -> None:
+def check_token_range(tokens: torch.Tensor, V: int, ignore_index: int | None = None,
+                      name: str = "tokens") -> None:
     if tokens.numel() == 0 or not values_checkable(tokens):
         return
     bad = (tokens < 0) | (tokens >= V)
+    if ignore_index is not None:
+        bad &= tokens != ignore_index
     if bool(bad.any()):
         first = tokens[bad].flatten()[0].item()
+        also = f" or equal ignore_index={ignore_index}" if ignore_index is not None else ""
         raise ValueError(
-            f"tokens must lie in [0, V) = [0, {V}), got {int(bad.sum())} out of range "
-            f"(first: {first}) in tokens of {describe(tokens)}"
+            f"{name} must lie in [0, V) = [0, {V}){also}, got {int(bad.sum())} out of range "
+            f"(first: {first}) in {name} of {describe(tokens)}"
         )
 
 
@@ -133,12 +164,65 @@ def _check_scalar_value(name, v, minimum, strict):
         raise ValueError(f"{name} must be {op} {minimum}, got {v}")
 
 
-REDUCTIONS = ("sum", "mean", "none")
+REDUCTIONS = ("sum", "mean", "none", "sequence_mean")
 
 
 def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_ignore_index(ignore_index) -> None:
+    if ignore_index is not None and (isinstance(ignore_index, bool)
+                                     or not isinstance(ignore_index, int)):
+        raise TypeError(f"ignore_index must be an int or None, got "
+                        f"{type(ignore_index).__name__}")
+
+
+def float_option(name: str, value, *, minimum: float = 0.0, strict: bool = False,
+                 maximum: float | None = None, allow_none: bool = False) -> float | None:
+    """A Python float option (temperature, softcap, label_smoothing, z_loss): a tensor would
+    need a host read, so it is refused; ``None`` where allowed."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v < minimum or (strict and v == minimum) or (
+            maximum is not None and v > maximum):
+        bounds = f"{'>' if strict else '>='} {minimum}" + (
+            f" and <= {maximum}" if maximum is not None else "")
+        raise ValueError(f"{name} must be finite and {bounds}, got {value!r}")
+    return v
+
+
+def keep_mask(tokens: torch.Tensor, ignore_index) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(tokens with ignored positions set to 0, keep mask or None)``: positions whose token
+    is ``ignore_index`` (Hugging Face's -100) are computed on token 0 and masked out after."""
+    if ignore_index is None:
+        return tokens, None
+    keep = tokens != ignore_index
+    return torch.where(keep, tokens, torch.zeros_like(tokens)), keep
+
+
+def reduce_loss(loss: torch.Tensor, keep: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """Per-token ``loss`` [...] (0 at ignored positions) reduced as ``reduction`` says:
+    ``none`` (as is), ``sum``, ``mean`` over the kept tokens (NaN when none is kept, as
+    ``F.cross_entropy``), ``sequence_mean`` (each sequence, the last dimension, averaged over
+    its kept tokens, then the mean over sequences; a sequence with none kept counts 0, as
+    TRL's GRPO loss)."""
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / (keep.sum() if keep is not None else loss.numel())
+    if loss.dim() == 0:
+        raise ValueError("reduction='sequence_mean' needs tokens with a sequence dimension "
+                         "[..., T], got a 0-d tensor")
+    count = (keep.sum(-1) if keep is not None
+             else torch.full(loss.shape[:-1], loss.shape[-1], device=loss.device))
+    return (loss.sum(-1) / count.clamp(min=1)).mean()
 
 
 def token_weights(weights, tokens: torch.Tensor, device: torch.device,

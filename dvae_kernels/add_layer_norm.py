@@ -94,6 +94,8 @@ def _triton_forward(x, r, weight, bias, eps: float, out_dtype, index=None):
 
 def supports_inference_kernel(*tensors) -> str | None:
     """The refusal of the sampler's Triton kernels (no backward) for a differentiable call."""
+    if _validate.under_transform():
+        return "under a torch.func transform the torch backend (plain PyTorch) serves"
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return ("the Triton kernel has no backward (it serves no-grad decoding); inputs that "
                 "require grad go to the torch backend")

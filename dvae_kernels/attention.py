@@ -91,6 +91,8 @@ def _native_forward(q, k, v, causal: bool):
 
 
 def supports_native(q, k, v, causal: bool = False) -> str | None:
+    if _validate.under_transform():
+        return "under a torch.func transform SDPA (plain PyTorch) serves"
     if torch.is_autocast_enabled("cpu"):
         return "under CPU autocast SDPA casts its inputs per op; the C++ kernel is float32"
     if not all(t.dtype == torch.float32 for t in (q, k, v)):

@@ -17,29 +17,56 @@ from typing import Optional
 import torch
 
 from . import _validate
-from .linear_token_logprobs import linear_token_logprobs
+from .linear_token_logprobs import linear_stats
+
+
+def _check_mask(name: str, mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    _validate.check_tensor(name, mask)
+    if tuple(mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {_validate.describe(mask)}")
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"{name} must be bool or integer (0/1), got {_validate.describe(mask)}")
+    _validate.check_same_device(input_ids=input_ids, **{name: mask})
+    if _validate.values_checkable(mask) and mask.numel():
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(f"{name} must hold only 0 and 1, got values "
+                             f"{mask.unique()[:5].tolist()}")
+    return mask.bool()
 
 
 def causal_lm_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
                              input_ids: torch.Tensor,
                              attention_mask: Optional[torch.Tensor] = None, *,
-                             return_entropy: bool = False,
+                             completion_mask: Optional[torch.Tensor] = None,
+                             return_entropy: bool = False, temperature: float = 1.0,
+                             softcap: float | None = None, ignore_index: int | None = -100,
                              lm_head_bias: Optional[torch.Tensor] = None,
                              backend: str | None = None):
     """Per-token log-probabilities of ``input_ids[:, 1:]`` given the hidden states at the
-    positions before them (shifted by one), padding masked out.
+    positions before them (shifted by one), padding and prompt masked out.
 
     Args:
-        hidden: ``[B, T, D]`` the last hidden states (after the final norm: for a Hugging
-            Face model, ``model(..., output_hidden_states=True).hidden_states[-1]``).
-            float32, bfloat16 or float16 (float64: torch backend only).
+        hidden: ``[B, T, D]`` the last hidden states, after the final norm: for a Hugging
+            Face causal LM, those of its base model (``model.model(...)`` or
+            ``model.transformer(...)``, ``.last_hidden_state``), not ``model(...)``, which
+            would build the ``[B, T, V]`` logits this function exists to avoid. float32,
+            bfloat16 or float16 (float64: torch backend only).
         lm_head_weight: ``[V, D]``, the LM head (``model.lm_head.weight``), dtype of hidden.
-        input_ids: ``[B, T]`` int64 or int32 in ``[0, V)`` (at the positions kept).
+        input_ids: ``[B, T]`` int64 or int32 in ``[0, V)`` at the positions kept. Hugging
+            Face ``labels`` work too: a target equal to ``ignore_index`` (-100) is masked.
         attention_mask: ``[B, T]`` of 0/1 (bool or integer) or None (every position real).
             A prediction is kept when both the position read and the token predicted are
             real, so left- and right-padded batches give the same numbers; ids at padding may
             be anything (they are never read).
+        completion_mask: ``[B, T]`` of 0/1 or None: the tokens whose log-probability is
+            wanted, e.g. the completion after a prompt (TRL's ``completion_mask``, a loss
+            mask); a prediction is also masked when the token it predicts is not in it.
         return_entropy: also return each kept position's entropy.
+        temperature: the sampling temperature τ: log-probabilities of ``softmax(logits/τ)``
+            (the distribution GRPO/PPO sampled from), applied inside the kernel.
+        softcap: ``softcap·tanh(logits/softcap)`` before the temperature's softmax (Gemma).
+        ignore_index: a target value masked like padding (None: none).
         lm_head_bias: ``[V]`` or None (GPT-2 and most LMs have none).
         backend: ``"torch"``, ``"triton"``, ``"cpu"``, ``"cuda"`` or None (automatic).
 
@@ -50,11 +77,11 @@ def causal_lm_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
 
     Equivalent PyTorch::
 
-        logits = (hidden @ lm_head_weight.T).float()[:, :-1]           # [B, T-1, V]
+        logits = (hidden @ lm_head_weight.T).float()[:, :-1] / temperature   # [B, T-1, V]
         lp = torch.log_softmax(logits, -1)
         logp = lp.gather(-1, input_ids[:, 1:, None].long())[..., 0]
         entropy = -(lp.exp() * lp).nan_to_num().sum(-1)
-        keep = (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()
+        keep = (attention_mask[:, :-1] * attention_mask[:, 1:] * completion_mask[:, 1:])
         logp, entropy = logp * keep, entropy * keep
 
     Memory: the fused op keeps a few floats per position plus, in the backward, gradients of
@@ -77,40 +104,28 @@ def causal_lm_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
                          f"{hidden.shape[-1]}, got {_validate.describe(lm_head_weight)}")
     _validate.check_same_device(hidden=hidden, lm_head_weight=lm_head_weight,
                                 input_ids=input_ids)
+    _validate.check_ignore_index(ignore_index)
     targets = input_ids[:, 1:]
+    keep = None
     if attention_mask is not None:
-        _validate.check_tensor("attention_mask", attention_mask)
-        if tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(f"attention_mask must have the shape of input_ids "
-                             f"{tuple(input_ids.shape)}, got {_validate.describe(attention_mask)}")
-        if attention_mask.is_floating_point() or attention_mask.is_complex():
-            raise TypeError(f"attention_mask must be bool or integer (0/1), got "
-                            f"{_validate.describe(attention_mask)}")
-        _validate.check_same_device(input_ids=input_ids, attention_mask=attention_mask)
-        if _validate.values_checkable(attention_mask) and attention_mask.numel():
-            if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-                raise ValueError("attention_mask must hold only 0 and 1, got values "
-                                 f"{attention_mask.unique()[:5].tolist()}")
-        m = attention_mask.bool()
+        m = _check_mask("attention_mask", attention_mask, input_ids)
         keep = m[:, :-1] & m[:, 1:]
-        # Padding ids are never read: a placeholder 0 keeps them out of the range check.
+    if completion_mask is not None:
+        c = _check_mask("completion_mask", completion_mask, input_ids)[:, 1:]
+        keep = c if keep is None else keep & c
+    if ignore_index is not None:
+        real = targets != ignore_index
+        keep = real if keep is None else keep & real
+    if keep is not None:
+        # Masked ids are never read: a placeholder 0 keeps them out of the range check.
         targets = torch.where(keep, targets, torch.zeros_like(targets))
-    else:
-        keep = None
     V = lm_head_weight.shape[0]
-    if targets.numel() and _validate.values_checkable(targets):
-        bad = (targets < 0) | (targets >= V)
-        if bool(bad.any()):
-            raise ValueError(
-                f"input_ids must lie in [0, V) = [0, {V}) where attention_mask is 1, got "
-                f"{int(bad.sum())} out of range (first: {targets[bad][0].item()}) in "
-                f"input_ids of {_validate.describe(input_ids)}")
+    _validate.check_token_range(targets, V, name="input_ids")
     with _validate.no_value_checks():  # the range was checked above, under its own name
-        out = linear_token_logprobs(hidden[:, :-1], lm_head_weight, targets, lm_head_bias,
-                                    return_entropy=return_entropy, backend=backend)
-    if keep is None:
-        return out
-    if return_entropy:
-        logp, ent = out
-        return torch.where(keep, logp, 0.0), torch.where(keep, ent, 0.0)
-    return torch.where(keep, out, 0.0)
+        st = linear_stats(hidden[:, :-1], lm_head_weight, targets, lm_head_bias,
+                          backend=backend, op="causal_lm_token_logprobs",
+                          temperature=temperature, softcap=softcap, ignore_index=None)
+    logp, ent = st.logp, st.entropy
+    if keep is not None:
+        logp, ent = torch.where(keep, logp, 0.0), torch.where(keep, ent, 0.0)
+    return (logp, ent) if return_entropy else logp

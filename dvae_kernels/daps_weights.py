@@ -224,5 +224,8 @@ def daps_weights(rewards: torch.Tensor, logq: torch.Tensor, beta, eta, *,
     device = rewards.device
     beta_t = _validate.scalar("beta", beta, device, minimum=0.0).to(dtype)
     eta_t = _validate.scalar("eta", eta, device, minimum=0.0, strict=True).to(dtype)
+    if _validate.under_transform():  # torch.func: the reference, differentiable in eta
+        return _torch_forward(rewards.detach().to(dtype), logq.detach().to(dtype),
+                              beta_t.detach(), eta_t)
     name = OP.select(backend, device, rewards=rewards, logq=logq)
     return _op(as_rows(rewards, dtype), as_rows(logq, dtype), beta_t.detach(), eta_t, name)

@@ -299,6 +299,7 @@ def linear_sample_tokens(hidden: torch.Tensor, weight: torch.Tensor,
     if weight.shape[0] < 1:
         raise ValueError(f"weight must have V >= 1 rows, got {_validate.describe(weight)}")
     t = check_sampling_args(hidden.device, generator, temperature)
+    _validate.refuse_sampling_under_transform("linear_sample_tokens")
     name = OP.select(backend, hidden.device, hidden=hidden, weight=weight, bias=bias)
     lead = hidden.shape[:-1]
     x, w, b, _ = flatten_linear(hidden.detach(), weight.detach(),

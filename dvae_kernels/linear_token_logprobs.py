@@ -39,7 +39,7 @@ the last bits from run to run.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -47,7 +47,7 @@ from . import _autotune, _csrc, _dispatch, _validate
 from ._triton import HAS_TRITON, INTERPRET, next_power_of_2, target_capability, tl, triton
 
 if HAS_TRITON:
-    from ._triton import LN2, LOG2E, exp2_fast, online_softmax_step
+    from ._triton import LN2, LOG2E, exp2_fast, online_softmax_step, transform_logits
 from .token_logprobs import _acc_dtype
 
 # ---------------------------------------------------------------------------------------------
@@ -101,31 +101,49 @@ def _row_stats(x: torch.Tensor, tok: torch.Tensor):
     return logp, lse, entropy
 
 
-def _torch_forward(hidden, weight, tokens, bias):
-    """hidden [N, D], weight [V, D], tokens [N], bias [V] or None -> (logp, lse, entropy)."""
-    return chunked_forward(_row_stats, hidden, weight, tokens, bias)
+def transform_logits_(x: torch.Tensor, inv_temp: float, softcap: float) -> torch.Tensor:
+    """In place: ``x / temperature``, then ``softcap·tanh(x / softcap)`` when softcap > 0."""
+    if inv_temp != 1.0:
+        x.mul_(inv_temp)
+    if softcap > 0.0:
+        x.div_(softcap).tanh_().mul_(softcap)
+    return x
 
 
-def chunked_forward(row_stats, hidden, weight, tokens, bias):
+def _torch_forward(hidden, weight, tokens, bias, inv_temp: float = 1.0, softcap: float = 0.0,
+                   with_mean: bool = False):
+    """hidden [N, D], weight [V, D], tokens [N], bias [V] or None -> (logp, lse, entropy,
+    mean logit or an empty [0])."""
+    return chunked_forward(_row_stats, hidden, weight, tokens, bias, inv_temp, softcap,
+                           with_mean)
+
+
+def chunked_forward(row_stats, hidden, weight, tokens, bias, inv_temp: float = 1.0,
+                    softcap: float = 0.0, with_mean: bool = False):
     """The forward over row chunks of at most CHUNK_ELEMENTS logits, each chunk's statistics
     from ``row_stats(logits [C, V] float32, tokens [C]) -> (logp, lse, entropy)`` (the torch
-    code here, or the C++ row kernel for the cpu backend)."""
+    code here, or the C++ row kernel for the cpu backend), after the temperature and the
+    softcap; with ``with_mean`` also each row's mean logit (label smoothing's term)."""
     N = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
     logp = torch.empty(N, dtype=acc, device=hidden.device)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp)
+    mean = torch.empty(N if with_mean else 0, dtype=acc, device=hidden.device)
     # Autocast would run the matmul in half precision inside the op; the op decides dtypes.
     with torch.autocast(hidden.device.type, enabled=False):
         w, b = _acc_params(weight, bias)
         step = chunk_rows(weight.shape[0])
         for r0 in range(0, N, step):
-            x = _torch_logits(hidden[r0:r0 + step], w, b)
+            x = transform_logits_(_torch_logits(hidden[r0:r0 + step], w, b), inv_temp,
+                                  softcap)
+            if with_mean:
+                mean[r0:r0 + step] = x.mean(-1)
             lp, l, e = row_stats(x, tokens[r0:r0 + step])
             logp[r0:r0 + step] = lp
             lse[r0:r0 + step] = l
             ent[r0:r0 + step] = e
-    return logp, lse, ent
+    return logp, lse, ent, mean
 
 
 def _dlogits(x, tok, lse, entropy, grad_logp, grad_lse, grad_entropy):
@@ -155,17 +173,19 @@ def _dlogits(x, tok, lse, entropy, grad_logp, grad_lse, grad_entropy):
     return grad
 
 
-def _torch_backward(grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, bias, lse,
-                    entropy):
-    return chunked_backward(_dlogits, grad_logp, grad_lse, grad_entropy, hidden, weight,
-                            tokens, bias, lse, entropy)
+def _torch_backward(grad_logp, grad_lse, grad_entropy, grad_mean, hidden, weight, tokens,
+                    bias, lse, entropy, inv_temp: float = 1.0, softcap: float = 0.0):
+    return chunked_backward(_dlogits, grad_logp, grad_lse, grad_entropy, grad_mean, hidden,
+                            weight, tokens, bias, lse, entropy, inv_temp, softcap)
 
 
-def chunked_backward(dlogits, grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, bias,
-                     lse, entropy):
-    """The backward over row chunks: each chunk's logits are recomputed, turned into their
-    gradient by ``dlogits`` (signature of :func:`_dlogits`) and multiplied back into the
-    gradients of hidden, weight and bias."""
+def chunked_backward(dlogits, grad_logp, grad_lse, grad_entropy, grad_mean, hidden, weight,
+                     tokens, bias, lse, entropy, inv_temp: float = 1.0, softcap: float = 0.0):
+    """The backward over row chunks: each chunk's logits are recomputed (temperature and
+    softcap included), turned into their gradient by ``dlogits`` (signature of
+    :func:`_dlogits`), plus ``grad_mean / V`` for the mean logit, taken back through the
+    softcap (``1 - tanh²``) and the temperature, and multiplied back into the gradients of
+    hidden, weight and bias."""
     N, D = hidden.shape
     V = weight.shape[0]
     with torch.autocast(hidden.device.type, enabled=False):
@@ -177,11 +197,19 @@ def chunked_backward(dlogits, grad_logp, grad_lse, grad_entropy, hidden, weight,
         for r0 in range(0, N, step):
             sl = slice(r0, r0 + step)
             h = hidden[sl].to(w.dtype)
-            x = _torch_logits(h, w, b)
+            x = transform_logits_(_torch_logits(h, w, b), inv_temp, softcap)
+            # d softcap·tanh(z/softcap) / dz = 1 - (x/softcap)², before dlogits overwrites x
+            cap_grad = (x / softcap).square_().neg_().add_(1.0) if softcap > 0.0 else None
             g = dlogits(x, tokens[sl], lse[sl], entropy[sl],
-                         grad_logp[sl] if grad_logp is not None else None,
-                         grad_lse[sl] if grad_lse is not None else None,
-                         grad_entropy[sl] if grad_entropy is not None else None)
+                        grad_logp[sl] if grad_logp is not None else None,
+                        grad_lse[sl] if grad_lse is not None else None,
+                        grad_entropy[sl] if grad_entropy is not None else None)
+            if grad_mean is not None:
+                g.add_(grad_mean[sl].to(g.dtype)[:, None] / V)
+            if cap_grad is not None:
+                g.mul_(cap_grad)
+            if inv_temp != 1.0:
+                g.mul_(inv_temp)
             grad_hidden[sl] = (g @ w).to(hidden.dtype)
             grad_w.addmm_(g.t(), h)
             if bias is not None:
@@ -231,10 +259,11 @@ if HAS_TRITON:
     @triton.jit
     def _linear_token_logprobs_fwd_kernel(
         h_ptr, w_ptr, b_ptr, tokens_ptr, logp_ptr, lse_ptr, ent_ptr,
-        N, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
+        N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, mean_ptr, inv_temp, cap,
         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-        EVEN_V: tl.constexpr,
+        EVEN_V: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
+        WITH_MEAN: tl.constexpr,
     ):
         # Statistics in base 2 as in token_logprobs: d2 = (x - m)·log2 e, e = 2^d2 (one
         # MUFU.EX2), a = Σ e·d2; logp = (x_t - m) - log s, never x - lse.
@@ -248,12 +277,16 @@ if HAS_TRITON:
         s = tl.zeros([BLOCK_N], tl.float32)  # Σ 2^d2
         a = tl.zeros([BLOCK_N], tl.float32)  # Σ 2^d2 · d2
         picked = tl.zeros([BLOCK_N], tl.float32)  # the sampled token's logit
+        total = tl.zeros([BLOCK_N], tl.float32)  # Σ logits (WITH_MEAN)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             col_ok = cols < V
             x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D,
                              stride_hn, stride_hd, stride_wv, stride_wd,
                              HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, PRECISION)
+            x = transform_logits(x, inv_temp, cap, SCALE, SOFTCAP)
+            if WITH_MEAN:
+                total += tl.sum(tl.where(col_ok[None, :], x, 0.0), axis=1)
             if not EVEN_V:  # columns past V (a last partial tile) weigh nothing
                 x = tl.where(col_ok[None, :], x, float("-inf"))
             picked += tl.sum(tl.where(cols[None, :] == tok32[:, None], x, 0.0), axis=1)
@@ -264,14 +297,17 @@ if HAS_TRITON:
         tl.store(logp_ptr + rows, logp, mask=row_ok)
         tl.store(lse_ptr + rows, m_safe + log_s, mask=row_ok)
         tl.store(ent_ptr + rows, (log2_s - a / s) * LN2, mask=row_ok)
+        if WITH_MEAN:
+            tl.store(mean_ptr + rows, total / V, mask=row_ok)
 
     @triton.jit
     def _row_grads(glogp_ptr, glse_ptr, gent_ptr, tokens_ptr, lse_ptr, ent_ptr, rows, row_ok,
-                   HAS_GLOGP: tl.constexpr, HAS_GLSE: tl.constexpr, HAS_GENT: tl.constexpr):
+                   HAS_GLOGP: tl.constexpr, HAS_GLSE: tl.constexpr, HAS_GENT: tl.constexpr,
+                   gmean_ptr, HAS_GMEAN: tl.constexpr):
         """Per-row inputs of the logit gradient (zeros for the absent terms)."""
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         zero = tl.zeros_like(lse)
-        g_lp, g_l, g_h, ent = zero, zero, zero, zero
+        g_lp, g_l, g_h, ent, g_m = zero, zero, zero, zero, zero
         tok = tl.full(lse.shape, -1, tl.int32)
         if HAS_GLOGP:
             g_lp = tl.load(glogp_ptr + rows, mask=row_ok, other=0.0)
@@ -281,13 +317,21 @@ if HAS_TRITON:
         if HAS_GENT:
             g_h = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
             ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-        return lse, tok, g_lp, g_l, g_h, ent
+        if HAS_GMEAN:
+            g_m = tl.load(gmean_ptr + rows, mask=row_ok, other=0.0)
+        return lse, tok, g_lp, g_l, g_h, ent, g_m
 
     @triton.jit
-    def _dlogits_tile(x, cols, row_ok, col_ok, lse, tok, g_lp, g_l, g_h, ent,
-                      HAS_GLOGP: tl.constexpr, HAS_GLSE: tl.constexpr, HAS_GENT: tl.constexpr):
-        """d(Σ g_lp·logp + g_l·lse + g_h·entropy)/d logits for a [BLOCK_N, BLOCK_V] tile:
-        g_lp·onehot + p·(g_l - g_lp) - g_h·p·(log p + entropy)."""
+    def _dlogits_tile(x, cols, row_ok, col_ok, lse, tok, g_lp, g_l, g_h, ent, g_m, V,
+                      inv_temp, cap,
+                      HAS_GLOGP: tl.constexpr, HAS_GLSE: tl.constexpr, HAS_GENT: tl.constexpr,
+                      HAS_GMEAN: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+        """d(Σ g_lp·logp + g_l·lse + g_h·entropy + g_m·mean)/d logits for a
+        [BLOCK_N, BLOCK_V] tile of the raw logits ``x`` (before the temperature and the
+        softcap): with y the transformed logits and p = softmax(y),
+        g_lp·onehot + p·(g_l - g_lp) - g_h·p·(log p + entropy) + g_m/V with respect to y,
+        times 1 - (y/cap)² (SOFTCAP) and 1/temperature (SCALE)."""
+        x = transform_logits(x, inv_temp, cap, SCALE, SOFTCAP)
         shifted = x - lse[:, None]
         p = exp2_fast(shifted * LOG2E)
         g = p * (g_l - g_lp)[:, None]
@@ -296,6 +340,13 @@ if HAS_TRITON:
         if HAS_GENT:
             # p = 0 at a -inf logit: the clamp keeps 0·(-inf) out.
             g -= g_h[:, None] * p * (tl.maximum(shifted, -3.0e38) + ent[:, None])
+        if HAS_GMEAN:
+            g += (g_m / V)[:, None]
+        if SOFTCAP:
+            y = x / cap
+            g = g * (1.0 - y * y)
+        if SCALE:
+            g = g * inv_temp
         # Rows past N and columns past V need no mask here: they meet zero-filled hidden rows
         # or weight rows in the products, and are never stored (the bias sum masks rows).
         return g
@@ -304,11 +355,12 @@ if HAS_TRITON:
     def _linear_dh_kernel(
         glogp_ptr, glse_ptr, gent_ptr, h_ptr, w_ptr, b_ptr, tokens_ptr, lse_ptr, ent_ptr,
         gh_ptr,
-        N, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
+        N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, gmean_ptr, inv_temp, cap,
         HAS_BIAS: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GLSE: tl.constexpr,
         HAS_GENT: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_DH: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_GMEAN: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
     ):
         """grad_hidden[rows, d-slice] = Σ over V tiles of dlogits_tile @ weight[tile, d-slice],
         accumulated in registers and written once, in hidden's dtype (no atomics)."""
@@ -316,9 +368,9 @@ if HAS_TRITON:
         row_ok = rows < N
         dcols = tl.program_id(1) * BLOCK_DH + tl.arange(0, BLOCK_DH)
         d_ok = dcols < D
-        lse, tok, g_lp, g_l, g_h, ent = _row_grads(
+        lse, tok, g_lp, g_l, g_h, ent, g_m = _row_grads(
             glogp_ptr, glse_ptr, gent_ptr, tokens_ptr, lse_ptr, ent_ptr, rows, row_ok,
-            HAS_GLOGP, HAS_GLSE, HAS_GENT)
+            HAS_GLOGP, HAS_GLSE, HAS_GENT, gmean_ptr, HAS_GMEAN)
         acc = tl.zeros([BLOCK_N, BLOCK_DH], tl.float32)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
@@ -326,8 +378,9 @@ if HAS_TRITON:
             x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D,
                              stride_hn, stride_hd, stride_wv, stride_wd,
                              HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, PRECISION)
-            g = _dlogits_tile(x, cols, row_ok, col_ok, lse, tok, g_lp, g_l, g_h, ent,
-                              HAS_GLOGP, HAS_GLSE, HAS_GENT)
+            g = _dlogits_tile(x, cols, row_ok, col_ok, lse, tok, g_lp, g_l, g_h, ent, g_m, V,
+                              inv_temp, cap, HAS_GLOGP, HAS_GLSE, HAS_GENT, HAS_GMEAN, SCALE,
+                              SOFTCAP)
             w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_wv
                         + dcols[None, :] * stride_wd,
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_V, BLOCK_DH]
@@ -343,10 +396,12 @@ if HAS_TRITON:
         glogp_ptr, glse_ptr, gent_ptr, h_ptr, w_ptr, b_ptr, tokens_ptr, lse_ptr, ent_ptr,
         pw_ptr, pb_ptr,
         N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, rows_per_split,
+        gmean_ptr, inv_temp, cap,
         HAS_BIAS: tl.constexpr, HAS_GLOGP: tl.constexpr, HAS_GLSE: tl.constexpr,
         HAS_GENT: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_DW: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_GMEAN: tl.constexpr, SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
     ):
         """Partial grad_weight[split, V tile, d-slice] = Σ over the split's row blocks of
         dlogits_tileᵀ @ hidden[rows, d-slice] (fp32, written once; the splits are summed
@@ -363,14 +418,15 @@ if HAS_TRITON:
         for r0 in range(r_begin, r_end, BLOCK_N):
             rows = r0 + tl.arange(0, BLOCK_N)
             row_ok = rows < r_end
-            lse, tok, g_lp, g_l, g_h, ent = _row_grads(
+            lse, tok, g_lp, g_l, g_h, ent, g_m = _row_grads(
                 glogp_ptr, glse_ptr, gent_ptr, tokens_ptr, lse_ptr, ent_ptr, rows, row_ok,
-                HAS_GLOGP, HAS_GLSE, HAS_GENT)
+                HAS_GLOGP, HAS_GLSE, HAS_GENT, gmean_ptr, HAS_GMEAN)
             x = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, D,
                              stride_hn, stride_hd, stride_wv, stride_wd,
                              HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, PRECISION)
-            g = _dlogits_tile(x, cols, row_ok, col_ok, lse, tok, g_lp, g_l, g_h, ent,
-                              HAS_GLOGP, HAS_GLSE, HAS_GENT)
+            g = _dlogits_tile(x, cols, row_ok, col_ok, lse, tok, g_lp, g_l, g_h, ent, g_m, V,
+                              inv_temp, cap, HAS_GLOGP, HAS_GLSE, HAS_GENT, HAS_GMEAN, SCALE,
+                              SOFTCAP)
             if HAS_BIAS:
                 acc_b += tl.sum(tl.where(row_ok[:, None], g, 0.0), axis=0)
             h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_hn
@@ -436,14 +492,16 @@ def _dot_config(dtype: torch.dtype) -> tuple[bool, str]:
     return False, "tf32" if tf32 else "ieee"
 
 
-def _triton_forward(hidden, weight, tokens, bias):
+def _triton_forward(hidden, weight, tokens, bias, inv_temp: float = 1.0, softcap: float = 0.0,
+                    with_mean: bool = False):
     N, D = hidden.shape
     V = weight.shape[0]
     logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp)
+    mean = torch.empty(N if with_mean else 0, dtype=torch.float32, device=hidden.device)
     if N == 0:
-        return logp, lse, ent
+        return logp, lse, ent, mean
     dot_fp32, precision = _dot_config(hidden.dtype)
     bd = _fwd_block_d(D)
     cap = target_capability(hidden.device)
@@ -453,14 +511,17 @@ def _triton_forward(hidden, weight, tokens, bias):
         _linear_token_logprobs_fwd_kernel[(triton.cdiv(N, bn),)](
             hidden, weight, bias if bias is not None else weight, tokens, logp, lse, ent,
             N, V, D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            mean if with_mean else lse, float(inv_temp), float(softcap),
             HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_V=FWD_BLOCK_V, BLOCK_D=bd,
             DOT_FP32=dot_fp32, PRECISION=precision, EVEN_V=V % FWD_BLOCK_V == 0,
+            SCALE=inv_temp != 1.0, SOFTCAP=softcap > 0.0, WITH_MEAN=with_mean,
             num_warps=warps, num_stages=stages,
         )
 
-    key = (cap, hidden.dtype, bias is not None, D, *_autotune.shape_class(N, V))
+    key = (cap, hidden.dtype, bias is not None, D, inv_temp != 1.0, softcap > 0.0, with_mean,
+           *_autotune.shape_class(N, V))
     launch(FWD_TUNER.pick(key, fwd_candidates(cap, D, hidden.dtype), launch, hidden.device))
-    return logp, lse, ent
+    return logp, lse, ent, mean
 
 
 # Backward tiles. dH: a program owns BLOCK_N rows and a BLOCK_DH slice of the hidden size and
@@ -497,14 +558,15 @@ def _bwd_splits(N: int, V: int, D: int, c: dict | None = None) -> tuple[int, int
     return triton.cdiv(N, per_split), per_split
 
 
-def _triton_backward(grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, bias, lse,
-                     entropy):
+def _triton_backward(grad_logp, grad_lse, grad_entropy, grad_mean, hidden, weight, tokens, bias,
+                     lse, entropy, inv_temp: float = 1.0, softcap: float = 0.0):
     """Two kernels, no atomics, the same bits on every run: grad_hidden (row blocks, loop over
     V, registers) and fp32 partial grad_weight / grad_bias per row split, summed in order."""
     N, D = hidden.shape
     V = weight.shape[0]
     bias_dtype = bias.dtype if bias is not None else weight.dtype
-    if N == 0 or V == 0 or (grad_logp is None and grad_lse is None and grad_entropy is None):
+    if N == 0 or V == 0 or all(g is None for g in (grad_logp, grad_lse, grad_entropy,
+                                                   grad_mean)):
         return (torch.zeros_like(hidden), torch.zeros_like(weight),
                 torch.zeros((V,), dtype=bias_dtype, device=hidden.device))
     dot_fp32, precision = _dot_config(hidden.dtype)
@@ -518,18 +580,21 @@ def _triton_backward(grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, 
     flags = dict(HAS_BIAS=bias is not None, HAS_GLOGP=grad_logp is not None,
                  HAS_GLSE=grad_lse is not None, HAS_GENT=grad_entropy is not None,
                  BLOCK_N=c["BLOCK_N"], BLOCK_V=c["BLOCK_V"], BLOCK_D=_slice(D, c["BLOCK_D"]),
-                 DOT_FP32=dot_fp32, PRECISION=precision, num_warps=c["num_warps"])
+                 DOT_FP32=dot_fp32, PRECISION=precision, HAS_GMEAN=grad_mean is not None,
+                 SCALE=inv_temp != 1.0, SOFTCAP=softcap > 0.0, num_warps=c["num_warps"])
+    extra = (grad_mean.contiguous() if grad_mean is not None else dummy, float(inv_temp),
+             float(softcap))
     gh = torch.empty((N, D), dtype=hidden.dtype, device=hidden.device)
     block_dh = _slice(D, c["BLOCK_DH"])
     _linear_dh_kernel[(triton.cdiv(N, c["BLOCK_N"]), triton.cdiv(D, block_dh))](
-        *grads, *args, gh, *strides, BLOCK_DH=block_dh, **flags)
+        *grads, *args, gh, *strides, *extra, BLOCK_DH=block_dh, **flags)
     splits, per_split = _bwd_splits(N, V, D, c)
     pw = torch.empty((splits, V, D), dtype=torch.float32, device=hidden.device)
     pb = torch.empty((splits, V) if bias is not None else (0,), dtype=torch.float32,
                      device=hidden.device)
     block_dw = _slice(D, c["BLOCK_DW"])
     _linear_dw_kernel[(triton.cdiv(V, c["BLOCK_V"]), triton.cdiv(D, block_dw), splits)](
-        *grads, *args, pw, pb if bias is not None else pw, *strides, per_split,
+        *grads, *args, pw, pb if bias is not None else pw, *strides, per_split, *extra,
         BLOCK_DW=block_dw, **flags)
     gw = (pw[0] if splits == 1 else pw.sum(0)).to(weight.dtype)
     gb = ((pb[0] if splits == 1 else pb.sum(0)).to(bias_dtype) if bias is not None
@@ -568,14 +633,16 @@ def _native_dlogits(x, tok, lse, entropy, grad_logp, grad_lse, grad_entropy):
     return g
 
 
-def _native_forward(hidden, weight, tokens, bias):
-    return chunked_forward(_native_row_stats, hidden, weight, tokens, bias)
+def _native_forward(hidden, weight, tokens, bias, inv_temp: float = 1.0, softcap: float = 0.0,
+                    with_mean: bool = False):
+    return chunked_forward(_native_row_stats, hidden, weight, tokens, bias, inv_temp, softcap,
+                           with_mean)
 
 
-def _native_backward(grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, bias, lse,
-                     entropy):
-    return chunked_backward(_native_dlogits, grad_logp, grad_lse, grad_entropy, hidden,
-                            weight, tokens, bias, lse, entropy)
+def _native_backward(grad_logp, grad_lse, grad_entropy, grad_mean, hidden, weight, tokens,
+                     bias, lse, entropy, inv_temp: float = 1.0, softcap: float = 0.0):
+    return chunked_backward(_native_dlogits, grad_logp, grad_lse, grad_entropy, grad_mean,
+                            hidden, weight, tokens, bias, lse, entropy, inv_temp, softcap)
 
 
 def _supports_native(hidden, weight, tokens, bias) -> str | None:
@@ -598,29 +665,35 @@ OP.register("cpu", _native_forward, _native_backward, supports=_supports_native,
 
 @torch.library.custom_op("dvae_kernels::linear_token_logprobs", mutates_args=())
 def _op(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
-        bias: Optional[torch.Tensor], backend: str
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return OP.forward(backend)(hidden, weight, tokens, bias)
+        bias: Optional[torch.Tensor], inv_temp: float, softcap: float, with_mean: bool,
+        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, lse, entropy, mean logit or an empty [0]) of the logits
+    ``transform(hidden @ weight.T + bias)``: divided by the temperature (``inv_temp`` is its
+    inverse), then soft-capped when ``softcap`` > 0."""
+    return OP.forward(backend)(hidden, weight, tokens, bias, inv_temp, softcap, with_mean)
 
 
 @_op.register_fake
-def _(hidden, weight, tokens, bias, backend):
+def _(hidden, weight, tokens, bias, inv_temp, softcap, with_mean, backend):
     out = hidden.new_empty(hidden.shape[:1], dtype=_acc_dtype(hidden.dtype))
-    return out, torch.empty_like(out), torch.empty_like(out)
+    mean = out if with_mean else out.new_empty((0,))
+    return out, torch.empty_like(out), torch.empty_like(out), torch.empty_like(mean)
 
 
 @torch.library.custom_op("dvae_kernels::linear_token_logprobs_backward", mutates_args=())
 def _backward_op(grad_logp: Optional[torch.Tensor], grad_lse: Optional[torch.Tensor],
-                 grad_entropy: Optional[torch.Tensor], hidden: torch.Tensor,
-                 weight: torch.Tensor, tokens: torch.Tensor,
+                 grad_entropy: Optional[torch.Tensor], grad_mean: Optional[torch.Tensor],
+                 hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
                  bias: Optional[torch.Tensor], lse: torch.Tensor, entropy: torch.Tensor,
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return OP.backward(backend)(grad_logp, grad_lse, grad_entropy, hidden, weight, tokens,
-                                bias, lse, entropy)
+                 inv_temp: float, softcap: float, backend: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return OP.backward(backend)(grad_logp, grad_lse, grad_entropy, grad_mean, hidden, weight,
+                                tokens, bias, lse, entropy, inv_temp, softcap)
 
 
 @_backward_op.register_fake
-def _(grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, bias, lse, entropy, backend):
+def _(grad_logp, grad_lse, grad_entropy, grad_mean, hidden, weight, tokens, bias, lse, entropy,
+      inv_temp, softcap, backend):
     bias_dtype = bias.dtype if bias is not None else weight.dtype
     return (torch.empty_like(hidden, memory_format=torch.contiguous_format),
             torch.empty_like(weight, memory_format=torch.contiguous_format),
@@ -628,19 +701,23 @@ def _(grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, bias, lse, entr
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, tokens, bias, backend = inputs
-    _, lse, entropy = output
+    hidden, weight, tokens, bias, inv_temp, softcap, with_mean, backend = inputs
+    _, lse, entropy, _ = output
     ctx.save_for_backward(hidden, weight, tokens, bias, lse, entropy)
-    ctx.backend = backend
+    ctx.backend, ctx.inv_temp, ctx.softcap = backend, inv_temp, softcap
     ctx.has_bias = bias is not None
+    ctx.with_mean = with_mean
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None: skip its term
 
 
-def _autograd_backward(ctx, grad_logp, grad_lse, grad_entropy):
+def _autograd_backward(ctx, grad_logp, grad_lse, grad_entropy, grad_mean):
     hidden, weight, tokens, bias, lse, entropy = ctx.saved_tensors
-    gh, gw, gb = _backward_op(grad_logp, grad_lse, grad_entropy, hidden, weight, tokens, bias, lse,
-                              entropy, ctx.backend)
-    return gh, gw, None, (gb if ctx.has_bias else None), None
+    if not ctx.with_mean:
+        grad_mean = None  # the mean output is empty: nothing to differentiate
+    gh, gw, gb = _backward_op(grad_logp, grad_lse, grad_entropy, grad_mean, hidden, weight,
+                              tokens, bias, lse, entropy, ctx.inv_temp, ctx.softcap,
+                              ctx.backend)
+    return gh, gw, None, (gb if ctx.has_bias else None), None, None, None, None
 
 
 _op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -698,54 +775,119 @@ def flatten_linear(hidden, weight, bias, tokens=None):
     return x, weight, b, t
 
 
+class LinearStats(NamedTuple):
+    """Per-position statistics of the (transformed) logits, ``[...]`` each, 0 at ignored
+    positions; ``keep`` is the mask of the positions not ignored (None: all kept)."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    lse: torch.Tensor
+    mean: torch.Tensor | None
+    keep: torch.Tensor | None
+
+
+def reference_stats(hidden, weight, tokens, bias, inv_temp: float, softcap: float,
+                    with_mean: bool):
+    """The statistics with plain PyTorch ops on the materialised logits: what the ops compute
+    under ``torch.func`` transforms, whose rules need differentiable, batchable code."""
+    acc = _acc_dtype(hidden.dtype)
+    x = torch.nn.functional.linear(hidden.to(acc), weight.to(acc),
+                                   bias.to(acc) if bias is not None else None)
+    if inv_temp != 1.0:
+        x = x * inv_temp
+    if softcap > 0.0:
+        x = softcap * torch.tanh(x / softcap)
+    lp = torch.log_softmax(x, -1)
+    logp = lp.gather(-1, tokens[..., None].long())[..., 0]
+    p = lp.exp()
+    entropy = -torch.where(p == 0, 0.0, p * lp).sum(-1)
+    return logp, torch.logsumexp(x, -1), entropy, (x.mean(-1) if with_mean else None)
+
+
+def linear_stats(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
+                 bias: Optional[torch.Tensor], *, backend: str | None, op: str,
+                 temperature: float = 1.0, softcap: float | None = None,
+                 ignore_index: int | None = -100, with_mean: bool = False) -> LinearStats:
+    """The fused statistics behind every linear op and the head; ``op`` names the public
+    function in error messages."""
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
+    try:
+        check_linear(hidden, weight, bias)
+        _validate.check_logits_tokens(hidden, tokens, logits_name="hidden")
+        _validate.check_ignore_index(ignore_index)
+        temperature = _validate.float_option("temperature", temperature, strict=True)
+        softcap = _validate.float_option("softcap", softcap, strict=True, allow_none=True)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{op}: {err}") from None
+    V = weight.shape[0]
+    _validate.check_token_range(tokens, V, ignore_index)
+    safe, keep = _validate.keep_mask(tokens, ignore_index)
+    inv_temp, cap = 1.0 / temperature, softcap or 0.0
+    if _validate.under_transform():
+        logp, lse, entropy, mean = reference_stats(hidden, weight, safe, bias, inv_temp, cap,
+                                                   with_mean)
+    else:
+        name = OP.select(backend, hidden.device, caller=op, hidden=hidden, weight=weight,
+                         tokens=tokens, bias=bias)
+        lead = hidden.shape[:-1]
+        x, w, b, t = flatten_linear(hidden, weight, bias, safe)
+        logp, lse, entropy, mean = _op(x, w, t, b, inv_temp, cap, with_mean, name)
+        logp, lse, entropy = logp.view(lead), lse.view(lead), entropy.view(lead)
+        mean = mean.view(lead) if with_mean else None
+    if keep is not None:
+        logp, lse, entropy = (torch.where(keep, v, 0.0) for v in (logp, lse, entropy))
+        mean = torch.where(keep, mean, 0.0) if mean is not None else None
+    return LinearStats(logp, entropy, lse, mean, keep)
+
+
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
                           bias: Optional[torch.Tensor] = None, *, return_entropy: bool = False,
+                          return_lse: bool = False, temperature: float = 1.0,
+                          softcap: float | None = None, ignore_index: int | None = -100,
                           backend: str | None = None):
-    """Log-probability of ``tokens`` under ``softmax(hidden @ weight.T + bias)``, per position,
-    without materialising the ``[..., V]`` logits (forward or backward).
+    """Log-probability of ``tokens`` under ``softmax(logits)`` with ``logits = hidden @
+    weight.T + bias``, per position, without materialising the ``[..., V]`` logits (forward
+    or backward).
 
     Args:
         hidden: ``[..., D]`` float32, bfloat16 or float16 (float64: torch backend only).
         weight: ``[V, D]``, the dtype of ``hidden`` (under autocast both are cast to the
             autocast dtype, as ``F.linear`` does).
-        tokens: ``[...]`` (the leading shape of ``hidden``) int64 or int32, in ``[0, V)``.
+        tokens: ``[...]`` (the leading shape of ``hidden``) int64 or int32, in ``[0, V)`` or
+            equal to ``ignore_index``.
         bias: ``[V]`` or None.
         return_entropy: also return the entropy of each position's distribution.
-        backend: ``"torch"``, ``"triton"`` or ``None``/``"auto"`` (see ``DVAE_KERNELS_BACKEND``).
+        return_lse: also return each position's log-sum-exp of the logits (for a z-loss).
+        temperature: the logits are divided by it inside the kernel (a sampling temperature
+            τ, e.g. GRPO's: no ``weight / τ`` copy), a float > 0.
+        softcap: if given, the logits become ``softcap·tanh(logits / softcap)`` (Gemma's
+            final-logit soft-capping), after the temperature.
+        ignore_index: positions whose token equals it (Hugging Face's -100) give 0 for every
+            output and no gradient; None ignores nothing.
+        backend: ``"torch"``, ``"triton"``, ``"cpu"`` or ``None``/``"auto"`` (see
+            ``DVAE_KERNELS_BACKEND``).
 
     Returns:
-        ``logp[...]`` float32 (and ``entropy[...]`` float32 when ``return_entropy``).
-        Differentiable in ``hidden``, ``weight`` and ``bias`` through both outputs. The
-        matmul accumulates in float32 whatever the input dtype.
+        ``logp[...]`` float32, or a tuple ``(logp, entropy, lse)`` of the outputs asked for,
+        in that order. Differentiable in ``hidden``, ``weight`` and ``bias`` through every
+        output. The matmul accumulates in float32 whatever the input dtype.
 
     Equivalent PyTorch::
 
-        logits = torch.nn.functional.linear(hidden, weight, bias).float()
+        logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature
+        if softcap: logits = softcap * torch.tanh(logits / softcap)
         lp = torch.log_softmax(logits, -1)
         logp = lp.gather(-1, tokens[..., None].long())[..., 0]
         entropy = -(lp.exp() * lp).nan_to_num().sum(-1)   # 0·log 0 = 0
+        lse = logits.logsumexp(-1)
+        # each of them 0 where tokens == ignore_index
 
-    A position whose logits are all -inf or hold NaN or +inf gives NaN.
+    A position whose logits are all -inf or hold NaN or +inf gives NaN. Under ``torch.func``
+    transforms (``grad``, ``vmap``: per-sample gradients) the same values come from the
+    equivalent PyTorch above, logits materialised.
     """
-    logp, entropy = linear_logprobs_entropy(hidden, weight, tokens, bias, backend,
-                                            "linear_token_logprobs")
-    return (logp, entropy) if return_entropy else logp
-
-
-def linear_logprobs_entropy(hidden, weight, tokens, bias, backend, op: str):
-    """(logp, entropy) of :func:`linear_token_logprobs`; ``op`` names the public function in
-    error messages (the weighted NLL calls this too)."""
-    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
-    try:
-        check_linear(hidden, weight, bias)
-        _validate.check_logits_tokens(hidden, tokens, logits_name="hidden")
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"{op}: {err}") from None
-    V = weight.shape[0]
-    _validate.check_token_range(tokens, V)
-    name = OP.select(backend, hidden.device, caller=op, hidden=hidden, weight=weight,
-                     tokens=tokens, bias=bias)
-    lead = hidden.shape[:-1]
-    x, w, b, t = flatten_linear(hidden, weight, bias, tokens)
-    logp, _, entropy = _op(x, w, t, b, name)
-    return logp.view(lead), entropy.view(lead)
+    st = linear_stats(hidden, weight, tokens, bias, backend=backend, op="linear_token_logprobs",
+                      temperature=temperature, softcap=softcap, ignore_index=ignore_index)
+    out = (st.logp,) + ((st.entropy,) if return_entropy else ()) + (
+        (st.lse,) if return_lse else ())
+    return out[0] if len(out) == 1 else out

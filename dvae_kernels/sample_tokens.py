@@ -353,6 +353,7 @@ def sample_tokens(logits: torch.Tensor, *, generator: torch.Generator | None = N
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must be [..., V] with V >= 1, got {_validate.describe(logits)}")
     t = check_sampling_args(logits.device, generator, temperature)
+    _validate.refuse_sampling_under_transform("sample_tokens")
     name = OP.select(backend, logits.device, logits=logits)
     lead = logits.shape[:-1]
     x = logits.detach().reshape(-1, logits.shape[-1])

@@ -222,6 +222,9 @@ def solve_eta(rewards: torch.Tensor, logq: torch.Tensor, beta, ess_target: float
         raise ValueError(f"eta_min must be < eta_max, got eta_min={eta_min}, eta_max={eta_max}")
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     beta_t = _validate.scalar("beta", beta, rewards.device, minimum=0.0).detach().to(dtype)
+    if _validate.under_transform():  # torch.func: the same bisection in plain ops
+        return _torch_forward(rewards.detach().to(dtype), logq.detach().to(dtype), beta_t,
+                              float(ess_target), float(eta_min), float(eta_max))
     name = OP.select(backend, rewards.device, rewards=rewards, logq=logq)
     return _op(as_rows(rewards, dtype), as_rows(logq, dtype), beta_t, float(ess_target),
                float(eta_min), float(eta_max), name)

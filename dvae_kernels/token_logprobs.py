@@ -324,13 +324,15 @@ _op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, return_entropy: bool = False,
-                   backend: str | None = None):
+                   ignore_index: int | None = -100, backend: str | None = None):
     """Log-probability of ``tokens`` under ``softmax(logits)``, per position.
 
     Args:
         logits: ``[..., V]`` float32, bfloat16 or float16 (float64: torch backend only).
-        tokens: ``[...]`` int64 or int32, values in ``[0, V)``.
+        tokens: ``[...]`` int64 or int32, values in ``[0, V)`` or equal to ``ignore_index``.
         return_entropy: also return the entropy of each position's distribution.
+        ignore_index: positions whose token equals it (Hugging Face's -100) give 0 (log-prob
+            and entropy) and no gradient; None ignores nothing.
         backend: ``"torch"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``None``/``"auto"``
             (see ``DVAE_KERNELS_BACKEND``).
 
@@ -343,19 +345,30 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, return_entropy
         lp = torch.log_softmax(logits.float(), -1)
         logp = lp.gather(-1, tokens[..., None].long())[..., 0]
         entropy = -(lp.exp() * lp).nan_to_num().sum(-1)   # 0·log 0 = 0
+        # each 0 where tokens == ignore_index
 
-    A row whose logits are all -inf, or that holds NaN or +inf, gives NaN.
+    A row whose logits are all -inf, or that holds NaN or +inf, gives NaN. Under
+    ``torch.func`` transforms the values come from the equivalent PyTorch above.
     """
     _validate.check_logits_tokens(logits, tokens)
+    _validate.check_ignore_index(ignore_index)
     V = logits.shape[-1]
-    _validate.check_token_range(tokens, V)
-    name = OP.select(backend, logits.device, logits=logits, tokens=tokens)
-    lead = logits.shape[:-1]
-    x = logits.reshape(-1, V)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    t = tokens.reshape(-1).contiguous()
-    logp, _, entropy = _op(x, t, name, return_entropy)
-    if return_entropy:
-        return logp.view(lead), entropy.view(lead)
-    return logp.view(lead)
+    _validate.check_token_range(tokens, V, ignore_index)
+    safe, keep = _validate.keep_mask(tokens, ignore_index)
+    if _validate.under_transform():
+        x = logits.to(_acc_dtype(logits.dtype))
+        lp = torch.log_softmax(x, -1)
+        logp = lp.gather(-1, safe[..., None].long())[..., 0]
+        entropy = -torch.where(lp.exp() == 0, 0.0, lp.exp() * lp).sum(-1)
+    else:
+        name = OP.select(backend, logits.device, logits=logits, tokens=tokens)
+        lead = logits.shape[:-1]
+        x = logits.reshape(-1, V)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        logp, _, entropy = _op(x, safe.reshape(-1).contiguous(), name, return_entropy)
+        logp, entropy = logp.view(lead), (entropy.view(lead) if return_entropy else None)
+    if keep is not None:
+        logp = torch.where(keep, logp, 0.0)
+        entropy = torch.where(keep, entropy, 0.0) if return_entropy else None
+    return (logp, entropy) if return_entropy else logp

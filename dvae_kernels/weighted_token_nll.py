@@ -217,17 +217,21 @@ _op.register_autograd(_autograd_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 
 def weighted_token_nll(logits: torch.Tensor, tokens: torch.Tensor, weights,
-                       *, reduction: str = "sum", backend: str | None = None) -> torch.Tensor:
+                       *, reduction: str = "sum", ignore_index: int | None = -100,
+                       backend: str | None = None) -> torch.Tensor:
     """Weighted negative log-likelihood of ``tokens``: ``-Σ weights · log p(tokens)``.
 
     Args:
         logits: ``[..., V]`` float32, bfloat16 or float16 (float64: torch backend only).
-        tokens: ``[...]`` int64 or int32 in ``[0, V)``.
+        tokens: ``[...]`` int64 or int32 in ``[0, V)`` or equal to ``ignore_index``.
         weights: a tensor broadcastable to ``tokens.shape`` (e.g. ``[N, K, 1]`` over
             ``[N, K, L]``) or a float. They are targets: no gradient flows into them (they are
             detached), as in DAPS where they are the stop-gradient importance weights.
-        reduction: ``"sum"`` (default), ``"mean"`` (over all tokens, not over the weights) or
-            ``"none"`` (per token, shape ``[...]``).
+        reduction: ``"sum"`` (default), ``"mean"`` (over the tokens not ignored, not over the
+            weights), ``"sequence_mean"`` (over each sequence's kept tokens, the last
+            dimension, then over sequences) or ``"none"`` (per token, ``[...]``).
+        ignore_index: positions whose token equals it (Hugging Face's -100) contribute
+            neither loss nor gradient; None ignores nothing.
 
     Returns:
         float32 loss; differentiable in ``logits``.
@@ -235,41 +239,52 @@ def weighted_token_nll(logits: torch.Tensor, tokens: torch.Tensor, weights,
     Equivalent PyTorch::
 
         lp = torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None].long())[..., 0]
-        loss = -(weights * lp)                       # "none"
-        loss.sum() / loss.mean()                     # "sum" / "mean"
+        loss = -(weights * lp)                       # "none" (0 where ignored)
+        loss.sum(), loss.sum() / keep.sum()          # "sum", "mean"
     """
     _validate.check_logits_tokens(logits, tokens)
     _validate.check_reduction(reduction)
+    _validate.check_ignore_index(ignore_index)
     V = logits.shape[-1]
-    _validate.check_token_range(tokens, V)
+    _validate.check_token_range(tokens, V, ignore_index)
     w = _validate.token_weights(weights, tokens, logits.device, "logits")
-    name = OP.select(backend, logits.device, logits=logits, tokens=tokens, weights=w)
-    x = logits.reshape(-1, V)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    safe, keep = _validate.keep_mask(tokens, ignore_index)
     acc = _acc_dtype(logits.dtype)
-    # The gradient in the backward pass, on every device (module docstring).
-    loss, _ = _op(x, tokens.reshape(-1).contiguous(), w.reshape(-1).to(acc).contiguous(),
-                  False, name)
-    if reduction == "none":
-        return loss.view(tokens.shape)
-    if reduction == "sum":
-        return loss.sum()
-    return loss.mean()
+    if keep is not None:  # an ignored position weighs nothing, in the kernel too
+        w = torch.where(keep, w.to(acc), 0.0)
+    if _validate.under_transform():
+        lp = torch.log_softmax(logits.to(acc), -1)
+        loss = -(w.to(acc) * lp.gather(-1, safe[..., None].long())[..., 0])
+    else:
+        name = OP.select(backend, logits.device, logits=logits, tokens=tokens, weights=w)
+        x = logits.reshape(-1, V)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        # The gradient in the backward pass, on every device (module docstring).
+        loss, _ = _op(x, safe.reshape(-1).contiguous(), w.reshape(-1).to(acc).contiguous(),
+                      False, name)
+        loss = loss.view(tokens.shape)
+    if keep is not None:
+        loss = torch.where(keep, loss, 0.0)
+    return _validate.reduce_loss(loss, keep, reduction)
 
 
 class WeightedTokenNLL(torch.nn.Module):
     """Module form of :func:`weighted_token_nll`."""
 
-    def __init__(self, reduction: str = "sum", backend: str | None = None) -> None:
+    def __init__(self, reduction: str = "sum", backend: str | None = None, *,
+                 ignore_index: int | None = -100) -> None:
         super().__init__()
         _validate.check_reduction(reduction)
+        _validate.check_ignore_index(ignore_index)
         self.reduction = reduction
         self.backend = backend
+        self.ignore_index = ignore_index
 
     def forward(self, logits, tokens, weights):
         return weighted_token_nll(logits, tokens, weights, reduction=self.reduction,
-                                  backend=self.backend)
+                                  ignore_index=self.ignore_index, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, backend={self.backend!r}"
+        return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+                f"backend={self.backend!r}")

@@ -34,10 +34,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     states = torch.randn(N, D)
     hidden = trunk(states)                               # [N, D]
+    logits_equal = torch.equal(head(hidden), linear(hidden))  # head(h) is the nn.Linear
     actions, logp_old = head.sample(hidden, generator=torch.Generator().manual_seed(1))
     advantages = torch.randn(N)
-    logp, entropy = head.log_prob(hidden, actions, return_entropy=True)
-    loss = head.weighted_nll(hidden, actions, advantages, reduction="mean") - 0.01 * entropy.mean()
+    # The fused paths go through the module's forward (DDP and FSDP hooks run).
+    logp, entropy = head(hidden, targets=actions, return_entropy=True)
+    loss = head(hidden, targets=actions, weights=advantages, reduction="mean") \
+        - 0.01 * entropy.mean()
     loss.backward()
 
     # Reference: the materialised logits in float64, through torch.distributions.
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "grad_weight_err": (head.weight.grad.double() - ref_gw).abs().max().item(),
         "grad_bias_err": (head.bias.grad.double() - ref_gb).abs().max().item(),
         "trunk_grad_norm": trunk[0].weight.grad.norm().item(),
+        "logits_equal": float(logits_equal),
     }
     print(f"FusedCategoricalHead N={N} D={D} V={V}")
     for k, v in out.items():

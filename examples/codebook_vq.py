@@ -45,21 +45,32 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     loss = dk.linear_weighted_token_nll(h, weight, codes, rewards, bias) / B - 0.1 * entropy.mean()
     loss.backward()
 
-    # Reference: the distances materialised in float64.
+    # Reference: the distances materialised in float64, a few images at a time so that the
+    # [chunk, L, V] matrices (and their autograd graph) fit in memory at the full size.
     h64 = encoder(patches).detach().double()
     c64 = codebook.detach().double().requires_grad_()
-    d2 = ((h64[..., None, :] - c64) ** 2).sum(-1)       # [B, L, V]
-    lp = torch.log_softmax(-d2 / tau, -1)
-    ref_logp = lp.gather(-1, codes[..., None])[..., 0]
-    ref_entropy = -(lp.exp() * lp).sum(-1)
-    ref_loss = -(rewards.double() * ref_logp).sum() / B - 0.1 * ref_entropy.mean()
-    (ref_gc,) = torch.autograd.grad(ref_loss, [c64])
+    ref_gc = torch.zeros_like(c64)
+    ref_logp, ref_entropy, ref_loss = [], [], 0.0
+    chunk = max(1, (1 << 24) // (L * V))  # about 128 MiB of float64 distances per chunk
+    for i in range(0, B, chunk):
+        hc = h64[i:i + chunk]
+        d2 = ((hc ** 2).sum(-1, keepdim=True) - 2 * hc @ c64.T
+              + (c64 ** 2).sum(-1))                  # ‖h - c‖², [chunk, L, V]
+        lp = torch.log_softmax(-d2 / tau, -1)
+        lp_tok = lp.gather(-1, codes[i:i + chunk, ..., None])[..., 0]
+        ent = -(lp.exp() * lp).sum(-1)
+        part = -(rewards[i:i + chunk].double() * lp_tok).sum() / B - 0.1 * ent.sum() / (B * L)
+        ref_gc += torch.autograd.grad(part, [c64])[0]
+        ref_logp.append(lp_tok.detach())
+        ref_entropy.append(ent.detach())
+        ref_loss += part.item()
+    ref_logp, ref_entropy = torch.cat(ref_logp), torch.cat(ref_entropy)
 
     out = {
         "logp_err": (logp.double() - ref_logp).abs().max().item(),
         "sample_logq_err": (logq.double() - ref_logp).abs().max().item(),
         "entropy_err": (entropy.double() - ref_entropy).abs().max().item(),
-        "loss_err": abs(loss.item() - ref_loss.item()),
+        "loss_err": abs(loss.item() - ref_loss),
         "grad_codebook_err": (codebook.grad.double() - ref_gc).abs().max().item()
         / max(1.0, ref_gc.abs().max().item()),
         "encoder_grad_norm": encoder.weight.grad.norm().item(),

@@ -4,8 +4,9 @@ A bidirectional transformer sees a token grid with a random fraction of it repla
 (the fraction drawn per image from the cosine schedule) and is trained to predict the masked
 tokens. Each masked token is weighted 1 / (masked tokens of its image), so every image counts
 the same whatever its mask ratio. Two fused paths compute this weighted cross-entropy:
-``weighted_token_nll`` on the logits, and ``FusedCategoricalHead.weighted_nll`` from the hidden
-states without the logits. Both are checked against a float64 ``F.cross_entropy``.
+``weighted_token_nll`` on the logits, and ``FusedCategoricalHead(hidden, targets=, weights=)``
+from the hidden states without the logits. Both are checked against a float64
+``F.cross_entropy``.
 
     python examples/maskgit_weighted_ce.py            # 16 images x 16x16 tokens, V = 8192
     python examples/maskgit_weighted_ce.py --tiny     # seconds; what the tests run
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     weights = masked / masked.sum(1, keepdim=True)       # [B, L]: 1/(masked in image), 0 else
 
     hidden = layer(embed(torch.where(masked, MASK, tokens)))   # [B, L, D]
-    loss = head.weighted_nll(hidden, tokens, weights) / B      # fused, no logits
+    loss = head(hidden, targets=tokens, weights=weights) / B   # fused, no logits
     loss.backward()
     logits = F.linear(hidden.detach(), head.weight.detach(), head.bias.detach())
     loss_logits = dk.weighted_token_nll(logits, tokens, weights) / B

@@ -21,7 +21,7 @@ def _load(name: str):
 def test_every_example_is_tested():
     scripts = {p.stem for p in EXAMPLES.glob("*.py")}
     assert scripts == {"categorical_head", "codebook_vq", "maskgit_weighted_ce",
-                       "gpt2_policy_logprobs"}
+                       "gpt2_policy_logprobs", "grpo_vs_daps_sort"}
 
 
 def test_categorical_head_example():
@@ -30,6 +30,7 @@ def test_categorical_head_example():
         assert out[key] < 1e-5, (key, out[key])
     assert out["grad_weight_err"] < 1e-6 and out["grad_bias_err"] < 1e-6
     assert out["trunk_grad_norm"] > 0  # the gradient reached the layers below the head
+    assert out["logits_equal"] == 1  # head(h) is exactly the nn.Linear it replaced
 
 
 def test_codebook_vq_example():
@@ -57,3 +58,14 @@ def test_gpt2_example():
     assert out["masked_positions_zero"] == 1
     # At V = 50257 even 254 tokens' logits dominate the step: the fused step holds less.
     assert 0 < out["mem_fused_MiB"] < out["mem_materialised_MiB"]
+
+
+def test_grpo_vs_daps_example(tmp_path):
+    """Both methods train the same tiny LM for the same steps; curves come out as CSV and PNG."""
+    out = _load("grpo_vs_daps_sort").main(["--tiny", "--out", str(tmp_path)])
+    for m in ("grpo", "daps"):
+        assert out[f"{m}_step"] == 6
+        assert 0 <= out[f"{m}_mean_reward"] <= 1 and 0 <= out[f"{m}_greedy_accuracy"] <= 1
+    rows = (tmp_path / "curves.csv").read_text().splitlines()
+    assert rows[0] == "method,step,seconds,mean_reward,greedy_accuracy" and len(rows) == 13
+    assert (tmp_path / "curves.png").stat().st_size > 1000

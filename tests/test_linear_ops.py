@@ -194,17 +194,21 @@ def test_gradcheck_float64():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     hidden, weight, b, tokens = _inputs((5,), 16, 20, torch.float32)
-    for bias in (b, None):
-        args = (hidden.requires_grad_(), weight.requires_grad_(), tokens,
-                bias.requires_grad_() if bias is not None else None, backend)
-        torch.library.opcheck(torch.ops.dvae_kernels.linear_token_logprobs.default, args)
-    hidden, weight, b = hidden.detach(), weight.detach(), b.detach()
-    _, lse, ent = torch.ops.dvae_kernels.linear_token_logprobs(hidden, weight, tokens, b,
-                                                               backend)
-    bwd_args = (torch.randn(5, device=DEVICE), torch.randn(5, device=DEVICE), None, hidden, weight, tokens, b, lse, ent,
-                backend)
-    torch.library.opcheck(torch.ops.dvae_kernels.linear_token_logprobs_backward.default,
-                          bwd_args)
+    # (1/temperature, softcap, mean logit): plain, and every transform with the mean output
+    for inv_temp, cap, mean in ((1.0, 0.0, False), (0.5, 5.0, True)):
+        for bias in (b, None):
+            args = (hidden.requires_grad_(), weight.requires_grad_(), tokens,
+                    bias.requires_grad_() if bias is not None else None, inv_temp, cap, mean,
+                    backend)
+            torch.library.opcheck(torch.ops.dvae_kernels.linear_token_logprobs.default, args)
+        h, w, b_ = hidden.detach(), weight.detach(), b.detach()
+        _, lse, ent, _ = torch.ops.dvae_kernels.linear_token_logprobs(h, w, tokens, b_, inv_temp,
+                                                                      cap, mean, backend)
+        g = torch.randn(5, device=DEVICE)
+        bwd_args = (g, g, None, g if mean else None, h, w, tokens, b_, lse, ent, inv_temp, cap,
+                    backend)
+        torch.library.opcheck(torch.ops.dvae_kernels.linear_token_logprobs_backward.default,
+                              bwd_args)
 
 
 def test_torch_compile_fullgraph():

@@ -134,7 +134,8 @@ class CategoricalAutoencoder(LatentAutoencoder):
         hidden = self.encoder.teacher_forced(self.encoder.encode(x), tokens)
         _, entropy = dvae_kernels.linear_token_logprobs(
             hidden.float(), self.encoder.head.weight.float(), tokens,
-            self.encoder.head.bias.float(), return_entropy=True, backend=backend)
+            self.encoder.head.bias.float(), return_entropy=True, ignore_index=None,
+            backend=backend)
         return (math.log(self.vocab_size) - entropy[:, 0].float()).sum(-1)
 
 
