@@ -3,6 +3,7 @@ figures, written with the machine they ran on.
 
     python -m bench.replicate --method M --preset P --minutes T [--out DIR]
         [--fit-schedule] [key=value ...] [--set key=value ...]
+        [--prior-minutes T2 [--prior-set key=value ...]]
 
 Options and ``key=value`` overrides may come in any order (``--set key=value`` is the same
 override in option form). The run trains until its training wall-clock reaches T minutes (or
@@ -15,10 +16,16 @@ rate's) annealing, as in the paper (250k steps on MNIST): a 10-minute run sees t
 of the paper's schedule. ``--fit-schedule`` times 20 steps first (``Trainer.benchmark``) and
 sets ``steps`` to what 90% of the budget holds, so the whole schedule runs within the budget.
 
+With ``--prior-minutes`` the generation prior (:mod:`dvae.prior`) then trains on the tokenizer
+for T2 minutes of its own training wall-clock (out folder ``DIR/prior``), and its test loss
+and generation metrics join ``result.json`` under ``prior`` (``bench.tables record`` makes them
+a row of the ``generation`` table). ``--prior-set key=value`` sets a prior config key.
+
 Examples::
 
     python -m bench.replicate --method vq --preset digits --minutes 10
     python -m bench.replicate --preset mnist --method fsq --minutes 10 data_path=mnist.npz
+    python -m bench.replicate --method vq --preset digits --minutes 2 --prior-minutes 1
 """
 
 from __future__ import annotations
@@ -44,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="set steps so that the schedules end with the budget")
     p.add_argument("--set", action="append", default=[], metavar="key=value",
                    help="a config override (also accepted bare, anywhere)")
+    p.add_argument("--prior-minutes", type=float, default=None,
+                   help="then train the generation prior for this wall-clock budget")
+    p.add_argument("--prior-set", action="append", default=[], metavar="key=value",
+                   help="a prior config key (dvae prior train --help)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 
@@ -65,11 +76,38 @@ def _pilot_seconds_per_step(cfg, steps: int = 20) -> float:
             trainer.close()
 
 
+def _prior(args, out: str, cfg) -> dict:
+    """Train the prior of the tokenizer just saved for ``--prior-minutes``; its figures."""
+    from dvae.prior.config import prior_config
+    from dvae.prior.train import PriorTrainer
+
+    sets = ["progress=false", f"out_dir={out}/prior", *args.prior_set]
+    if cfg.threads is not None and not any(s.startswith("threads=") for s in args.prior_set):
+        sets.append(f"threads={cfg.threads}")
+    try:
+        pcfg = prior_config(f"{out}/checkpoint.pt", args.preset, sets)
+    except ValueError as err:
+        raise SystemExit(f"replicate: error: --prior-set: {err}") from None
+    trainer = PriorTrainer(pcfg, overwrite=True)
+    try:
+        trainer.run(time_budget=args.prior_minutes * 60)
+        res = dict(trainer.last_eval) or trainer.evaluate()
+    finally:
+        trainer.close()
+    return {"budget_minutes": args.prior_minutes, "steps": trainer.step,
+            "train_seconds": round(trainer.train_seconds, 1),
+            "ms_per_step": round(1000 * trainer.train_seconds / max(trainer.step, 1), 1),
+            "overrides": args.prior_set, **{f"test_{k}": v for k, v in res.items()}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_intermixed_args(argv)
     overrides = [*args.overrides, *args.set]
     if args.minutes <= 0:
         raise SystemExit(f"replicate: error: --minutes must be > 0, got {args.minutes}")
+    if args.prior_minutes is not None and args.prior_minutes <= 0:
+        raise SystemExit(f"replicate: error: --prior-minutes must be > 0, got "
+                         f"{args.prior_minutes}")
 
     import torch
 
@@ -113,6 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine(),
         "overrides": overrides,
     }
+    if args.prior_minutes:
+        result["prior"] = _prior(args, out, cfg)
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result))

@@ -23,7 +23,8 @@ file                            table        written by
 ``memory.json``                 memory       ``python -m bench.memory``
 ``static.json``                 static       ``python -m bench.static`` (predictions)
 ``gpu_model*.json``             gpu_model    ``python -m bench.gpu_model --json`` (predictions)
-``result.json``                 replication  ``python -m bench.replicate``
+``result.json``                 replication  ``python -m bench.replicate`` (and ``generation``,
+                                             with ``--prior-minutes``)
 ==============================  ===========  ==================================================
 """
 
@@ -63,6 +64,11 @@ TABLES: dict[str, list[str]] = {
                   "ms_sampler_graphed", "ms_bytes_bound", "sampler_launches_per_position",
                   "gpu_hours_sampler_graphed", "sample_ms", "reward_ms", "teacher_forced_ms",
                   "weights_ms", "losses_ms", "optimizer_ms"],
+    "generation": ["method", "preset", "bits", "minutes", "steps", "test_psnr",
+                   "prior_minutes", "prior_steps", "prior_ms_per_step", "prior_loss",
+                   "guidance", "generated", "fd", "fd_data", "fd_recon", "fid", "fid_data",
+                   "fid_recon", "precision", "recall", "label_accuracy",
+                   "classifier_test_accuracy", "threads", "overrides"],
     "replication": ["method", "preset", "bits", "minutes", "steps", "train_seconds",
                     "ms_per_step", "test_psnr", "test_ssim", "test_beta_elbo", "test_log_px",
                     "test_kl", "codebook_usage", "perplexity", "threads", "overrides"],
@@ -223,6 +229,23 @@ def _replication(doc: dict) -> list[dict]:
              "overrides": " ".join(doc.get("overrides") or [])}]
 
 
+def _generation(doc: dict) -> list[dict]:
+    prior = doc["prior"]
+    return [{"method": doc["method"], "preset": doc["preset"],
+             "bits": doc.get("bits_per_image"), "minutes": doc.get("budget_minutes"),
+             "steps": doc.get("steps"), "test_psnr": doc.get("test_psnr"),
+             "prior_minutes": prior.get("budget_minutes"), "prior_steps": prior.get("steps"),
+             "prior_ms_per_step": prior.get("ms_per_step"),
+             "prior_loss": prior.get("test_loss"), "guidance": prior.get("test_guidance"),
+             "generated": prior.get("test_generated"),
+             **{k: prior.get(f"test_{k}") for k in (
+                 "fd", "fd_data", "fd_recon", "fid", "fid_data", "fid_recon", "precision",
+                 "recall", "label_accuracy", "classifier_test_accuracy")},
+             "threads": doc.get("threads"),
+             "overrides": " ".join([*(doc.get("overrides") or []),
+                                    *(f"prior:{o}" for o in prior.get("overrides") or [])])}]
+
+
 def _machine_of(doc) -> dict:
     if isinstance(doc, dict) and isinstance(doc.get("machine"), dict):
         return doc["machine"]
@@ -308,14 +331,24 @@ def append(table: str, rows: Iterable[dict], results: Path | None = None) -> int
     return len(rows)
 
 
+def read_all(path: Path) -> list[tuple[str, dict, list[dict]]]:
+    """Every (table, machine record, rows) of one result file: :func:`read`'s, and the
+    ``generation`` row of a replication that trained a prior."""
+    out = [read(path)]
+    if out[0][0] == "replication":
+        doc = json.loads(path.read_text())
+        if isinstance(doc.get("prior"), dict):
+            out.append(("generation", _machine_of(doc), _generation(doc)))
+    return out
+
+
 def record(paths: Sequence[Path], *, note: str = "", commit: str | None = None,
            results: Path | None = None) -> dict[str, int]:
     """Read every result file in ``paths`` and append its rows; returns rows per table."""
     commit = commit or current_commit()
     counts: dict[str, int] = {}
     for p in paths:
-        for f in result_files(Path(p)):
-            table, machine, rows = read(f)
+        for table, machine, rows in (t for f in result_files(Path(p)) for t in read_all(f)):
             if table in ("static", "gpu_model"):  # predictions: made on this machine
                 import torch
 
@@ -349,6 +382,7 @@ PLOTS = {
     "static": ("h100_ms", ("op", "phase", "kernel", "shape")),
     "gpu_model": ("ms_sampler_graphed", ("preset", "gpu", "overrides")),
     "replication": ("test_psnr", ("preset", "method", "minutes", "machine")),
+    "generation": ("fd", ("preset", "method", "minutes", "prior_minutes", "machine")),
 }
 
 

@@ -84,6 +84,22 @@ def remove_orphans(folder: str | os.PathLike, name: str = "checkpoint.pt") -> li
     return removed
 
 
+def digest(path: str | os.PathLike) -> str:
+    """The sha256 of a checkpoint's payload, read from its header (the file is not loaded):
+    what identifies the weights a prior was trained on."""
+    name = str(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.readline(256)
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {name!r}: {err.strerror or err}"
+                              ) from None
+    fields = head.rstrip(b"\n").split(b" ")
+    if len(fields) != 4 or fields[0] != MAGIC or not fields[2].startswith(b"sha256="):
+        raise CheckpointError(f"{name!r} is not a dvae checkpoint (no dvae-checkpoint header)")
+    return fields[2].removeprefix(b"sha256=").decode()
+
+
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read a checkpoint written by :func:`save_atomic`, verifying its checksum.
 

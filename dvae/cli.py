@@ -1,9 +1,13 @@
-"""``dvae`` command line: train, eval, reconstruct, compare.
+"""``dvae`` command line: train, eval, reconstruct, compare; the generation prior.
 
     dvae train [--config PRESET|FILE.yaml] [--resume | --overwrite] [key=value ...]
     dvae eval --checkpoint PATH [key=value ...]
     dvae reconstruct --checkpoint PATH [--out FILE.png] [--count N] [key=value ...]
     dvae compare RUN_DIR... [--format markdown|csv] [--csv FILE]
+    dvae prior train --tokenizer RUN/checkpoint.pt [--resume | --overwrite] [key=value ...]
+    dvae prior eval --checkpoint PRIOR/checkpoint.pt [--npz FILE] [key=value ...]
+    dvae generate --prior PRIOR/checkpoint.pt [--labels all|0,1,...] [--num N]
+        [--guidance W] [--seed S] [--out FILE.png] [--save-npz FILE] [key=value ...]
 
 ``method=`` chooses the objective (daps, daps_na, vq, fsq, gumbel, gumbel_na, grmck,
 grmck_na: the paper's Table 1) on any preset.
@@ -75,7 +79,52 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     c.add_argument("--format", default="markdown", choices=("markdown", "csv"),
                    help="what to print (default: markdown)")
     c.add_argument("--csv", default=None, metavar="FILE", help="also write the CSV here")
+    _prior_parsers(sub)
     return p, sub.choices
+
+
+def _prior_parsers(sub) -> None:
+    from .prior.config import keys_help as prior_keys
+
+    pr = sub.add_parser("prior", help="the generation prior over a tokenizer's codes",
+                        allow_abbrev=False)
+    psub = pr.add_subparsers(dest="prior_command", metavar="{train,eval}", required=True,
+                             parser_class=_Parser)
+    t = psub.add_parser("train", help="train the label-conditioned flow prior of a tokenizer",
+                        allow_abbrev=False, epilog=prior_keys(),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--tokenizer", required=True, metavar="RUN/checkpoint.pt",
+                   help="the checkpoint of a dvae train run (any method)")
+    mode = t.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the prior run in out_dir from its checkpoint")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="delete the prior run's outputs in out_dir and start anew")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="prior config keys")
+    e = psub.add_parser("eval", help="a prior's test loss and generation metrics, as JSON",
+                        allow_abbrev=False)
+    e.add_argument("--checkpoint", required=True, metavar="PRIOR/checkpoint.pt")
+    e.add_argument("--npz", default=None, metavar="FILE",
+                   help="score the images saved by dvae generate --save-npz instead of "
+                   "sampling new ones")
+    e.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="evaluation keys (eval_samples, guidance, metrics, data_path, device, "
+                   "...)")
+    g = sub.add_parser("generate", help="label-conditioned samples of a prior, as a PNG grid",
+                       allow_abbrev=False)
+    g.add_argument("--prior", required=True, metavar="PRIOR/checkpoint.pt")
+    g.add_argument("--labels", default="all",
+                   help="'all' or comma-separated class labels, one grid row each")
+    g.add_argument("--num", type=int, default=8, help="samples per label (>= 1)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance weight (default: the prior's, 0: the "
+                   "authors' sampler)")
+    g.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    g.add_argument("--out", default="samples.png", help="the PNG grid")
+    g.add_argument("--save-npz", default=None, metavar="FILE",
+                   help="also save images (uint8 [N, C, H, W]), labels and codes")
+    g.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="prior keys (dt, device, kernel_backend, tokenizer, data_path, ...)")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -83,66 +132,59 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in commands:
         return top.parse_args(argv)  # help, or one error line naming the valid commands
+    if argv[0] == "prior":
+        prior = commands["prior"]
+        sub = next(a for a in prior._actions if isinstance(a, argparse._SubParsersAction))
+        if len(argv) < 2 or argv[1] not in sub.choices:
+            return top.parse_args(argv)
+        args = sub.choices[argv[1]].parse_intermixed_args(argv[2:])
+        args.command, args.prior_command = "prior", argv[1]
+        return args
     args = commands[argv[0]].parse_intermixed_args(argv[1:])
     args.command = argv[0]
     return args
 
 
 def _from_checkpoint(path: str, overrides: list[str]):
-    from .checkpoint import load
-    from .config import EVAL_KEYS, Config, changed_keys, parse_overrides
-    from .data import Preprocess, load_datasets
-    from .models import build_model
-    from .trainer import check_kernel_backend, pick_device
+    from .evaluate import open_checkpoint
 
-    state = load(path)
-    values = dict(state["config"])
-    asked = parse_overrides(overrides)
-    refused = changed_keys(values, asked, EVAL_KEYS)
-    if refused:
-        raise ValueError(f"{', '.join(refused)} cannot be changed on a checkpoint (its weights "
-                         f"were trained with the saved value); keys that may: "
-                         f"{', '.join(sorted(EVAL_KEYS))}")
-    values.update(asked)
-    cfg = Config(**values)
-    device = pick_device(cfg.device)
-    check_kernel_backend(cfg, device)
-    _, test = load_datasets(cfg)
-    model = build_model(cfg).to(device)
+    o = open_checkpoint(path, overrides)
+    return o.cfg, o.model, o.test, o.preprocess, o.device, o.state
+
+
+def _resume_from(path: str) -> dict | None:
+    """The checkpoint ``--resume`` continues, or None (with a note) when there is none yet."""
+    from . import checkpoint as ckpt
+
     try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise ValueError(f"checkpoint {path!r}: its weights do not fit the model its config "
-                         f"describes: {str(err).splitlines()[0]}") from None
-    # pixel statistics come from the checkpoint's buffers, not recomputed
-    shift = model.pixel_shift.flatten().tolist()
-    scale = model.pixel_scale.flatten().tolist()
-    pre = Preprocess(cfg.likelihood, shift, scale)
-    return cfg, model, test, pre, device, state
+        return ckpt.load(path)
+    except ckpt.CheckpointError:
+        import os
+
+        if os.path.exists(path):
+            raise
+        print(f"dvae: no checkpoint at {path}; starting a new run", file=sys.stderr)
+        return None
+
+
+def _nothing_to_train(out_dir: str, state: dict, steps: int) -> bool:
+    if int(state["step"]) != steps:
+        return False
+    print(f"dvae: {out_dir}/checkpoint.pt is already at step {steps} = steps; nothing to "
+          "train (raise steps to continue)", file=sys.stderr)
+    return True
 
 
 def _train(args) -> int:
-    from . import checkpoint as ckpt
     from .config import load_config, resume_config
     from .trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    path = f"{cfg.out_dir}/checkpoint.pt"
-    if args.resume:
-        try:
-            state = ckpt.load(path)
-        except ckpt.CheckpointError:
-            import os
-
-            if os.path.exists(path):
-                raise
-            print(f"dvae: no checkpoint at {path}; starting a new run", file=sys.stderr)
-        else:
-            cfg = resume_config(state["config"], args.config, args.overrides)
-            if int(state["step"]) == cfg.steps:
-                print(f"dvae: {path} is already at step {cfg.steps} = steps; nothing to train "
-                      "(raise steps to continue)", file=sys.stderr)
-                return 0
+    state = _resume_from(f"{cfg.out_dir}/checkpoint.pt") if args.resume else None
+    if state is not None:
+        cfg = resume_config(state["config"], args.config, args.overrides)
+        if _nothing_to_train(cfg.out_dir, state, cfg.steps):
+            return 0
     res = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if res:
         keys = [k for k in ("test_psnr", "test_ssim", "test_beta_elbo",
@@ -171,23 +213,9 @@ def _eval_or_reconstruct(args) -> int:
         res["step"] = int(state["step"])
         print(json.dumps(res))
         return 0
-    from .data import TensorImages
+    from .data import first_images
 
-    n = min(args.count, len(test))
-    if isinstance(test, TensorImages):
-        x01 = test.batch(torch.arange(n))
-    else:
-        images = []
-        for i in range(len(test)):
-            if len(images) == n:
-                break
-            image = test.try_load(i)
-            if image is not None:
-                images.append(image)
-        if not images:
-            raise ValueError("no test image could be read")
-        x01 = torch.stack(images)
-    x01 = x01.to(device)
+    x01 = first_images(test, args.count)[0].to(device)
     model.eval()
     with torch.no_grad():
         codes = model.encode_codes(pre(x01), generator=torch.Generator(device).manual_seed(0))
@@ -211,6 +239,98 @@ def _compare(args) -> int:
                 f.write(table(rows, "csv"))
         except OSError as err:
             raise ValueError(f"--csv {args.csv}: cannot write it: {err.strerror}") from None
+    return 0
+
+
+def _prior_train(args) -> int:
+    from . import checkpoint as ckpt
+    from .prior.config import prior_config, resume_prior_config
+    from .prior.train import train_prior
+
+    tokenizer_preset = ckpt.load(args.tokenizer)["config"].get("preset", "digits")
+    cfg = prior_config(args.tokenizer, tokenizer_preset, args.overrides)
+    state = _resume_from(f"{cfg.out_dir}/checkpoint.pt") if args.resume else None
+    if state is not None:
+        cfg = resume_prior_config(state["config"], args.tokenizer,
+                                  [*args.overrides, f"out_dir={cfg.out_dir}"])
+        if _nothing_to_train(cfg.out_dir, state, cfg.steps):
+            return 0
+    res = train_prior(cfg, resume=args.resume, overwrite=args.overwrite)
+    keys = ("test_loss", "test_fd", "test_fid", "test_label_accuracy", "test_precision",
+            "test_recall", "ms_per_step")
+    print(json.dumps({k: round(res[k], 4) for k in keys if isinstance(res.get(k), float)}))
+    print(f"outputs in {cfg.out_dir}/: metrics.jsonl, samples.png, checkpoint.pt, tb/")
+    return 0
+
+
+def _prior_eval(args) -> int:
+    from .prior.generate import evaluate_prior, open_prior
+    from .prior.metrics import feature_net, metric_kind
+
+    prior = open_prior(args.checkpoint, args.overrides)
+    generated = _read_samples(args.npz, prior) if args.npz else None
+    tok = prior.tokenizer
+    kind = metric_kind(prior.cfg.metrics, tok.cfg.channels)
+    net = (feature_net(kind, tok.train, tok.test, prior.device,
+                       classifier_path=prior.cfg.classifier_path,
+                       fid_weights=prior.cfg.fid_weights,
+                       log=lambda m: print(f"dvae: {m}", file=sys.stderr))
+           if kind else None)
+    res = evaluate_prior(prior, net, num=prior.cfg.eval_samples, seed=prior.cfg.seed + 12345,
+                         generated=generated)
+    res["step"] = int(prior.state["step"])
+    print(json.dumps(res))
+    return 0
+
+
+def _read_samples(path: str, prior) -> tuple[torch.Tensor, torch.Tensor]:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            images, labels = d["images"], d["labels"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"--npz {path}: not the .npz of dvae generate --save-npz (images, "
+                         f"labels): {err}") from None
+    cfg = prior.tokenizer.cfg
+    want = (cfg.channels, cfg.image_size, cfg.image_size)
+    if images.ndim != 4 or tuple(images.shape[1:]) != want or images.dtype != np.uint8:
+        raise ValueError(f"--npz {path}: images must be uint8 [N, {want[0]}, {want[1]}, "
+                         f"{want[2]}] (this prior's tokenizer), got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"--npz {path}: labels must be [{images.shape[0]}], got "
+                         f"{tuple(labels.shape)}")
+    return torch.from_numpy(images).float() / 255.0, torch.from_numpy(labels).long()
+
+
+def _generate(args) -> int:
+    from .prior.generate import open_prior, parse_labels, save_sample_grid
+
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    prior = open_prior(args.prior, args.overrides)
+    labels = parse_labels(args.labels, prior.num_classes)
+    y = torch.tensor(labels).repeat_interleave(args.num)
+    g = torch.Generator(prior.device).manual_seed(args.seed)
+    images, codes = prior.sample(y, guidance=args.guidance, generator=g)
+    try:
+        save_sample_grid(images, len(labels), args.out)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--out {args.out}: cannot write the PNG: {err}") from None
+    if args.save_npz:
+        import numpy as np
+
+        pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        guidance = prior.cfg.guidance if args.guidance is None else args.guidance
+        try:
+            np.savez(args.save_npz, images=pixels, labels=y.numpy(), codes=codes.numpy(),
+                     guidance=guidance, seed=args.seed)
+        except OSError as err:
+            raise ValueError(f"--save-npz {args.save_npz}: cannot write it: "
+                             f"{err.strerror or err}") from None
+    print(f"wrote {args.out} ({len(labels)} labels x {args.num} samples)"
+          + (f" and {args.save_npz}" if args.save_npz else ""))
     return 0
 
 
@@ -241,6 +361,10 @@ def _main(argv: list[str] | None) -> int:
             return _train(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "prior":
+            return _prior_train(args) if args.prior_command == "train" else _prior_eval(args)
+        if args.command == "generate":
+            return _generate(args)
         return _eval_or_reconstruct(args)
     except Interrupted as stop:
         print(f"dvae: {stop}", file=sys.stderr)

@@ -6,6 +6,13 @@ figures; the last training record the steps and the training wall-clock. β-ELBO
 only where q is a distribution: VQ-VAE and FSQ show "n/a". The published figures of
 docs/algorithm.md (mean of seeds, at 250k-300k steps) stand beside the runs' for the paper's
 datasets.
+
+Generation columns come from the run's prior (``dvae prior train``), read from
+``RUN_DIR/prior/metrics.jsonl`` (its default out_dir); a prior run's own folder may be given
+instead of the tokenizer's, and then names its tokenizer. They are shown when any row has
+them: the prior's training minutes, its test loss, the Fréchet distance of its samples in the
+metric classifier's features (``gen FD``; or FID), with the test images' distance to the
+tokenizer's reconstructions (``recon FD``) beside it, precision, recall and label accuracy.
 """
 
 from __future__ import annotations
@@ -32,14 +39,16 @@ PAPER_PSNR = {
                     "daps": 24.66, "daps_na": 24.40},
 }
 COLUMNS = ("method", "dataset", "bits", "psnr", "ssim", "rfid", "beta_elbo",
-           "codebook_usage", "perplexity", "steps", "train_minutes", "paper_psnr", "run")
+           "codebook_usage", "perplexity", "steps", "train_minutes", "paper_psnr",
+           "prior_minutes", "prior_loss", "gen_fd", "recon_fd", "gen_fid", "precision",
+           "recall", "label_accuracy", "run")
+GENERATION = ("prior_minutes", "prior_loss", "gen_fd", "recon_fd", "gen_fid", "precision",
+              "recall", "label_accuracy")
 
 
-def read_run(run_dir: str | Path) -> dict:
-    """One row of the table from ``run_dir/metrics.jsonl``."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise ValueError(f"{run_dir}: no metrics.jsonl (not a dvae run directory?)")
+def _records(path: Path) -> tuple[dict | None, dict | None, dict | None]:
+    """(the config record, the last training record, the last test record) of a
+    metrics.jsonl."""
     head = train = test = None
     for line in path.read_text(errors="replace").splitlines():
         try:
@@ -53,6 +62,45 @@ def read_run(run_dir: str | Path) -> dict:
             train = record
         elif split == "test":
             test = record
+    return head, train, test
+
+
+def _generation(prior_dir: Path) -> dict:
+    """The generation columns from a prior run's folder (empty when it has no evaluation)."""
+    path = prior_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    _, train, test = _records(path)
+    if test is None:
+        return {}
+    fd = test.get("fd")
+    return {"prior_minutes": (train or {}).get("train_seconds", 0.0) / 60,
+            "prior_loss": test.get("loss"), "gen_fd": fd,
+            "recon_fd": test.get("fd_recon") if fd is not None else test.get("fid_recon"),
+            "gen_fid": test.get("fid"), "precision": test.get("precision"),
+            "recall": test.get("recall"), "label_accuracy": test.get("label_accuracy")}
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """One row of the table from ``run_dir/metrics.jsonl``."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{run_dir}: no metrics.jsonl (not a dvae run directory?)")
+    head, train, test = _records(path)
+    prior_dir = run_dir / "prior"
+    if head is not None and head.get("kind") == "prior":  # a prior's folder: its tokenizer's
+        prior_dir = run_dir
+        tokenizer = Path(head["config"]["tokenizer"])
+        # the path as given when the prior was trained, else the default layout (prior/
+        # beside the tokenizer's checkpoint)
+        found = [d for d in (tokenizer.parent, run_dir.parent)
+                 if (d / "metrics.jsonl").is_file()]
+        if not found:
+            raise ValueError(f"{run_dir}: the prior's tokenizer run ({tokenizer.parent}) has "
+                             "no metrics.jsonl")
+        run_dir = found[0]
+        head, train, test = _records(run_dir / "metrics.jsonl")
     if head is None:
         raise ValueError(f"{path}: no run description (written by dvae 0.2 and later)")
     if test is None:
@@ -73,6 +121,7 @@ def read_run(run_dir: str | Path) -> dict:
         "steps": test.get("step"),
         "train_minutes": (train or {}).get("train_seconds", 0.0) / 60,
         "paper_psnr": PAPER_PSNR.get(cfg.get("dataset"), {}).get(method),
+        **{k: None for k in GENERATION}, **_generation(prior_dir),
         "run": str(run_dir),
         "machine": head.get("machine", {}),
     }
@@ -90,7 +139,9 @@ def _fmt(key: str, value) -> str:
         return LABELS.get(value, value)
     if isinstance(value, float):
         digits = {"psnr": 2, "ssim": 3, "rfid": 2, "beta_elbo": 2, "codebook_usage": 3,
-                  "perplexity": 1, "train_minutes": 1, "paper_psnr": 2, "bits": 1}
+                  "perplexity": 1, "train_minutes": 1, "paper_psnr": 2, "bits": 1,
+                  "prior_minutes": 1, "prior_loss": 2, "gen_fd": 2, "recon_fd": 2,
+                  "gen_fid": 2, "precision": 3, "recall": 3, "label_accuracy": 3}
         return f"{value:.{digits.get(key, 3)}f}"
     return str(value)
 
@@ -111,8 +162,13 @@ def table(rows: list[dict], fmt: str = "markdown") -> str:
     heads = {"method": "method", "dataset": "data", "bits": "bits", "psnr": "PSNR dB",
              "ssim": "SSIM", "rfid": "rFID", "beta_elbo": "β-ELBO", "codebook_usage":
              "codebook use", "perplexity": "perplexity", "steps": "steps",
-             "train_minutes": "train min", "paper_psnr": "paper PSNR", "run": "run"}
-    cols = [c for c in COLUMNS if c != "rfid" or any(r["rfid"] is not None for r in rows)]
+             "train_minutes": "train min", "paper_psnr": "paper PSNR",
+             "prior_minutes": "prior min", "prior_loss": "prior loss", "gen_fd": "gen FD",
+             "recon_fd": "recon FD", "gen_fid": "gen FID", "precision": "precision",
+             "recall": "recall", "label_accuracy": "label acc", "run": "run"}
+    optional = ("rfid",) + GENERATION
+    cols = [c for c in COLUMNS
+            if c not in optional or any(r.get(c) is not None for r in rows)]
     lines = ["| " + " | ".join(heads[c] for c in cols) + " |",
              "|" + "|".join("---" for _ in cols) + "|"]
     for row in rows:
@@ -120,6 +176,10 @@ def table(rows: list[dict], fmt: str = "markdown") -> str:
     machines = {json.dumps(r["machine"], sort_keys=True) for r in rows if r["machine"]}
     notes = ["", "β-ELBO: nats per image at β_end; n/a for VQ-VAE and FSQ (no distribution "
              "q, no KL). paper PSNR: docs/algorithm.md (mean of seeds, 250k-300k steps)."]
+    if any(r.get("prior_loss") is not None for r in rows):
+        notes.append("Generation (docs/generation.md): the prior's test loss (nats per image); "
+                     "gen FD / gen FID: its samples against the test images; recon FD: the "
+                     "tokenizer's reconstructions against them (what a perfect prior reaches).")
     for m in sorted(machines):
         d = json.loads(m)
         gpu = f", {d['gpu']}" if d.get("gpu") else ""

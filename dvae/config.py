@@ -283,12 +283,12 @@ def _is_device(name: str) -> bool:
     return kind in ("cpu", "cuda") and (not index or (kind == "cuda" and index.isdigit()))
 
 
-def _field_help() -> dict[str, str]:
-    """Each field's one-line meaning: the comment after its definition in this file."""
+def _field_help(schema: type = None) -> dict[str, str]:
+    """Each field's one-line meaning: the comment after its definition in its source."""
     import inspect
 
     out: dict[str, str] = {}
-    for line in inspect.getsource(Config).splitlines():
+    for line in inspect.getsource(schema or Config).splitlines():
         stripped = line.strip()
         name = stripped.split(":", 1)[0]
         if "#" in stripped and ":" in stripped and name.isidentifier():
@@ -296,19 +296,26 @@ def _field_help() -> dict[str, str]:
     return out
 
 
-def keys_help() -> str:
-    """Every config key with its default and meaning (``dvae train --help``)."""
-    meaning = _field_help()
-    default = Config()
+def keys_help(schema: type = None, intro: str | None = None) -> str:
+    """Every config key with its default and meaning (``dvae train --help``); ``schema``: a
+    config dataclass other than :class:`Config` (whose fields all have defaults)."""
+    schema = schema or Config
+    meaning = _field_help(schema)
+    default = schema.__new__(schema)
+    for f in dataclasses.fields(schema):
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        setattr(default, f.name, value)
     rows = []
-    for f in dataclasses.fields(Config):
+    for f in dataclasses.fields(schema):
         value = getattr(default, f.name)
         shown = "null" if value is None else (str(value).lower() if isinstance(value, bool)
                                               else str(value).replace(" ", ""))
         rows.append(f"  {f.name}={shown}".ljust(30) + f"  {meaning.get(f.name, '')}".rstrip())
     presets = ", ".join(PRESETS)
-    return ("config keys (key=value; defaults shown are the dataclass's, each preset sets its "
-            f"own; presets: {presets}):\n" + "\n".join(rows))
+    if intro is None:
+        intro = ("config keys (key=value; defaults shown are the dataclass's, each preset sets "
+                 f"its own; presets: {presets}):")
+    return intro + "\n" + "\n".join(rows)
 
 
 # The paper's configurations (docs/algorithm.md, the configurations table) and the CPU demo.
@@ -357,10 +364,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list[int]": list}
 
 
-def _coerce(value: Any, name: str) -> Any:
+def _coerce(value: Any, name: str, schema: type = None) -> Any:
     """Check ``value`` against the field's declared type; YAML 1.1 reads ``1e-3`` as a string
     and ``1`` as an int, both fine for a float field."""
-    annotation = {f.name: f.type for f in dataclasses.fields(Config)}[name]
+    annotation = {f.name: f.type for f in dataclasses.fields(schema or Config)}[name]
     optional = annotation.endswith("| None")
     kind = _TYPES[annotation.removesuffix("| None").strip()]
     if value is None:
@@ -387,7 +394,7 @@ def _coerce(value: Any, name: str) -> Any:
     return value
 
 
-def _parse_value(raw: str, name: str) -> Any:
+def _parse_value(raw: str, name: str, schema: type = None) -> Any:
     """Parse a command-line value with YAML rules (``1e-3``, ``true``, ``[64, 256]``, ``null``);
     for a string field, ``on``/``off``/``yes``/``no`` stay words (YAML 1.1 reads them as
     booleans: ``sampler_graph=on``)."""
@@ -396,10 +403,10 @@ def _parse_value(raw: str, name: str) -> Any:
     except yaml.YAMLError:
         raise ValueError(f"{name}={raw}: not a value (YAML syntax: 1e-3, true, [64, 256], "
                          "null)") from None
-    annotation = {f.name: f.type for f in dataclasses.fields(Config)}.get(name, "")
+    annotation = {f.name: f.type for f in dataclasses.fields(schema or Config)}.get(name, "")
     if annotation.startswith("str") and isinstance(value, bool):
         value = raw
-    return _coerce(value, name)
+    return _coerce(value, name, schema)
 
 
 def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...] = ()
@@ -449,28 +456,34 @@ def load_config(config: str | None = None, overrides: list[str] | tuple[str, ...
     return Config(**values)
 
 
-def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+def parse_overrides(overrides: list[str] | tuple[str, ...], schema: type = None
+                    ) -> dict[str, Any]:
     """``["lr=1e-3", "mlp_hidden=[8, 9]"]`` -> ``{"lr": 0.001, "mlp_hidden": [8, 9]}``, each
-    value checked against its field's type; an unknown key or a bad value raises."""
-    known = [f.name for f in dataclasses.fields(Config)]
+    value checked against its field's type in ``schema`` (default :class:`Config`); an
+    unknown key or a bad value raises."""
+    known = [f.name for f in dataclasses.fields(schema or Config)]
     values: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"overrides are key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        if key == "preset":
+        if key == "preset" and schema is None:
             raise ValueError(f"preset is chosen with --config {raw or 'NAME'}, not as a "
                              f"key=value override (got {item!r})")
         if key not in known:
             raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(known)}")
-        values[key] = _parse_value(raw, key)
+        values[key] = _parse_value(raw, key, schema)
     return values
 
 
-def changed_keys(old: dict[str, Any], new: dict[str, Any], allowed=frozenset()) -> list[str]:
+def changed_keys(old: dict[str, Any], new: dict[str, Any], allowed=frozenset(),
+                 defaults: type | None = None) -> list[str]:
     """Keys whose values differ between two config dicts, less those in ``allowed``. A key
-    ``old`` lacks (a checkpoint written before the key existed) takes its default there."""
-    old = {**Config().to_dict(), **old}
+    ``old`` lacks (a checkpoint written before the key existed) takes its default there (the
+    dataclass ``defaults``, :class:`Config` unless given)."""
+    schema = defaults or Config
+    old = {**{f.name: (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+              for f in dataclasses.fields(schema)}, **old}
     return sorted(k for k in new if k not in allowed and old.get(k) != new[k])
 
 

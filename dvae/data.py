@@ -62,12 +62,32 @@ def check_images(images: torch.Tensor, source: str) -> torch.Tensor:
     return images
 
 
+def check_labels(labels, n: int, source: str) -> torch.Tensor | None:
+    """Class labels as ``[n]`` int64 >= 0, or None when there are none."""
+    if labels is None:
+        return None
+    t = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
+    if t.dim() != 1 or t.shape[0] != n or t.is_floating_point() or t.dtype == torch.bool:
+        raise ValueError(f"{source}: labels must be {n} integers (one per image), got "
+                         f"{t.dtype} of shape {tuple(t.shape)}")
+    t = t.long()
+    if n and int(t.min()) < 0:
+        raise ValueError(f"{source}: labels must be >= 0, got {int(t.min())}")
+    return t
+
+
 class TensorImages(Dataset):
     """In-memory images, uint8 (0..255) or float (already in [0, 1]), ``[N, C, H, W]``;
-    checked by :func:`check_images` (``source`` names them in errors)."""
+    checked by :func:`check_images` (``source`` names them in errors). ``labels``: ``[N]``
+    class indices, or None."""
 
-    def __init__(self, images: torch.Tensor, source: str = "images"):
+    def __init__(self, images: torch.Tensor, source: str = "images", labels=None):
         self.images = check_images(images, source)
+        self.labels = check_labels(labels, self.images.shape[0], source)
+
+    @property
+    def num_classes(self) -> int | None:
+        return None if self.labels is None else int(self.labels.max()) + 1
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -77,17 +97,20 @@ class TensorImages(Dataset):
         return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
     def __getitem__(self, index):
-        return self.batch(torch.as_tensor([index]))[0], 0
+        label = -1 if self.labels is None else int(self.labels[index])
+        return self.batch(torch.as_tensor([index]))[0], 0, label
 
 
 def load_digits_split(seed: int = 0) -> tuple[TensorImages, TensorImages]:
     from sklearn.datasets import load_digits
 
-    images = torch.from_numpy(load_digits().images.astype(np.float32) / 16.0)[:, None]
+    digits = load_digits()
+    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]
+    labels = torch.from_numpy(digits.target).long()
     perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
-    images = images[perm]
-    return (TensorImages(images[:1500], "digits (train)"),
-            TensorImages(images[1500:], "digits (test)"))
+    images, labels = images[perm], labels[perm]
+    return (TensorImages(images[:1500], "digits (train)", labels[:1500]),
+            TensorImages(images[1500:], "digits (test)", labels[1500:]))
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -118,7 +141,9 @@ def _as_nchw(array: np.ndarray, source: str) -> torch.Tensor:
 
 
 def load_mnist(path: str | os.PathLike) -> tuple[TensorImages, TensorImages]:
-    """MNIST from ``path``: an ``.npz`` (keys ``x_train``, ``x_test``) or an IDX folder."""
+    """MNIST from ``path``: an ``.npz`` (keys ``x_train``, ``x_test``; labels ``y_train``,
+    ``y_test`` when present) or an IDX folder (the ``*-labels-idx1-ubyte`` files when
+    present)."""
     p = Path(path)
     if p.is_file():
         try:
@@ -137,29 +162,36 @@ def load_mnist(path: str | os.PathLike) -> tuple[TensorImages, TensorImages]:
                                  f"{sorted(missing)} (has {d.files})")
             try:
                 train, test = d["x_train"], d["x_test"]
+                labels = ((d["y_train"], d["y_test"]) if {"y_train", "y_test"} <= set(d.files)
+                          else (None, None))
             except (ValueError, OSError, EOFError) as err:
                 raise ValueError(f"{p}: cannot read its arrays: {err}") from None
     elif p.is_dir():
-        def find(stem: str) -> Path:
-            for name in (stem, stem + ".gz", stem.replace("-idx3", ".idx3") + "",
-                         stem.replace("-idx3", ".idx3") + ".gz"):
+        def find(stem: str, required: bool = True) -> Path | None:
+            dotted = stem.replace("-idx", ".idx")
+            for name in (stem, stem + ".gz", dotted, dotted + ".gz"):
                 if (p / name).is_file():
                     return p / name
+            if not required:
+                return None
             raise ValueError(f"{p}: no {stem}[.gz] IDX file")
         train = _read_idx(find("train-images-idx3-ubyte"))
         test = _read_idx(find("t10k-images-idx3-ubyte"))
+        found = [find(f"{s}-labels-idx1-ubyte", required=False) for s in ("train", "t10k")]
+        labels = (tuple(_read_idx(f) for f in found) if all(found)  # type: ignore[arg-type]
+                  else (None, None))
     else:
         raise ValueError(f"data_path for mnist must be an .npz file or an IDX folder, got "
                          f"{str(path)!r} (not found)")
-    return (TensorImages(_as_nchw(train, f"{p} (train)"), f"{p} (train)"),
-            TensorImages(_as_nchw(test, f"{p} (test)"), f"{p} (test)"))
+    return (TensorImages(_as_nchw(train, f"{p} (train)"), f"{p} (train)", labels[0]),
+            TensorImages(_as_nchw(test, f"{p} (test)"), f"{p} (test)", labels[1]))
 
 
 def load_cifar10(path: str | os.PathLike) -> tuple[TensorImages, TensorImages]:
     """CIFAR-10 from the python pickle folder (``cifar-10-batches-py``)."""
     p = Path(path)
 
-    def read(name: str) -> np.ndarray:
+    def read(name: str) -> tuple[np.ndarray, np.ndarray | None]:
         f = p / name
         if not f.is_file():
             raise ValueError(f"data_path for cifar10 must be the cifar-10-batches-py folder; "
@@ -167,14 +199,22 @@ def load_cifar10(path: str | os.PathLike) -> tuple[TensorImages, TensorImages]:
         try:
             with open(f, "rb") as fh:
                 batch = _RestrictedUnpickler(fh, encoding="bytes").load()
-            return np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            labels = batch.get(b"labels")
+            return (np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32),
+                    None if labels is None else np.asarray(labels, dtype=np.int64))
         except Exception as err:  # any damage in a pickle: one clear line, never code
             raise ValueError(f"{f}: not a CIFAR-10 python batch ({type(err).__name__}: "
                              f"{err})".split("\n")[0]) from None
 
-    train = np.concatenate([read(f"data_batch_{i}") for i in range(1, 6)])
-    return (TensorImages(torch.from_numpy(train), f"{p} (train)"),
-            TensorImages(torch.from_numpy(read("test_batch")), f"{p} (test)"))
+    parts = [read(f"data_batch_{i}") for i in range(1, 6)]
+    train = np.concatenate([x for x, _ in parts])
+    test, test_labels = read("test_batch")
+    ys = [y for _, y in parts]
+    train_labels = None if any(y is None for y in ys) else np.concatenate(ys)
+    if train_labels is None:
+        test_labels = None
+    return (TensorImages(torch.from_numpy(train), f"{p} (train)", train_labels),
+            TensorImages(torch.from_numpy(test), f"{p} (test)", test_labels))
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -195,9 +235,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
 class ImageFolderImages(Dataset):
     """Images under ``root`` (any depth), decoded with PIL and converted to RGB.
 
-    ``dataset[(index, seed)]`` returns ``(image [3, S, S] in [0, 1], skipped)``: ``seed`` drives
-    the random crop and flip (training) so that a resumed run repeats them; ``skipped`` counts
-    the unreadable files passed over to reach a readable one (the next ones in order).
+    ``dataset[(index, seed)]`` returns ``(image [3, S, S] in [0, 1], skipped, label)``:
+    ``seed`` drives the random crop and flip (training) so that a resumed run repeats them;
+    ``skipped`` counts the unreadable files passed over to reach a readable one (the next ones
+    in order); ``label`` is its class (the folder under ``root`` holding it), -1 without.
     """
 
     def __init__(self, root: str | os.PathLike, size: int, train: bool,
@@ -214,6 +255,15 @@ class ImageFolderImages(Dataset):
             if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
         if not self.files:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        # class labels: the folder directly under root that holds each file (ImageNet's
+        # synset folders), numbered in sorted order; none when a file lies in root itself
+        tops = [Path(f).relative_to(self.root).parts for f in self.files]
+        self.classes = sorted({parts[0] for parts in tops if len(parts) > 1})
+        index = {name: i for i, name in enumerate(self.classes)}
+        self.labels = (torch.tensor([index[parts[0]] for parts in tops])
+                       if all(len(parts) > 1 for parts in tops) else None)
+        if self.labels is None:
+            self.classes = []
         self.size = size
         self.train = train
         self._probe()
@@ -235,6 +285,10 @@ class ImageFolderImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.classes) if self.labels is not None else None
 
     def _load(self, path: str, seed: int) -> torch.Tensor:
         from PIL import Image
@@ -272,14 +326,16 @@ class ImageFolderImages(Dataset):
                           stacklevel=2)
             return None
 
-    def __getitem__(self, item) -> tuple[torch.Tensor, int]:
-        """Training access: an unreadable file is replaced by the next readable one (the
-        batch keeps its size), and counted."""
+    def __getitem__(self, item) -> tuple[torch.Tensor, int, int]:
+        """Training access: ``(image, skipped, label)``; an unreadable file is replaced by the
+        next readable one (the batch keeps its size), counted in ``skipped``; ``label`` is
+        the class of the file read (-1 without labels)."""
         index, seed = item if isinstance(item, tuple) else (item, 0)
         for attempt in range(len(self.files)):
-            image = self.try_load((index + attempt) % len(self.files), seed)
+            at = (index + attempt) % len(self.files)
+            image = self.try_load(at, seed)
             if image is not None:
-                return image, attempt
+                return image, attempt, (-1 if self.labels is None else int(self.labels[at]))
         raise ValueError(f"no readable image under {self.root}: all {len(self.files)} files "
                          "failed to decode")
 
@@ -391,11 +447,16 @@ class BatchStream:
 
 
 class Batches:
-    """Iterator of ``(x01 [B, C, H, W], skipped)`` over a dataset, driven by a BatchStream."""
+    """Iterator of ``(x01 [B, C, H, W], skipped)`` over a dataset, driven by a BatchStream;
+    with ``labels=True``, of ``(x01, skipped, labels [B])`` (the dataset must have labels)."""
 
-    def __init__(self, dataset: Dataset, stream: BatchStream, num_workers: int = 0):
+    def __init__(self, dataset: Dataset, stream: BatchStream, num_workers: int = 0, *,
+                 labels: bool = False):
         self.dataset, self.stream = dataset, stream
         self.num_workers = num_workers
+        self.with_labels = labels
+        if labels and getattr(dataset, "labels", None) is None:
+            raise ValueError("the dataset has no class labels")
         self._loader_iter = None
 
     def _start_loader(self):
@@ -412,24 +473,48 @@ class Batches:
                             persistent_workers=self.num_workers > 0)
         return iter(loader)
 
-    def __next__(self) -> tuple[torch.Tensor, int]:
+    def __next__(self) -> tuple:
         if isinstance(self.dataset, TensorImages):
             idx, _ = self.stream.next()
-            return self.dataset.batch(idx), 0
-        if self.num_workers == 0:
+            out = (self.dataset.batch(idx), 0, self.dataset.labels[idx]
+                   if self.with_labels else None)
+        elif self.num_workers == 0:
             idx, seed = self.stream.next()
-            return _collate([self.dataset[(int(i), seed * 65_537 + j)]
-                             for j, i in enumerate(idx)])
-        # With workers the sampler runs ahead of consumption; the trainer checkpoints the
-        # consumed count, and on resume the stream restarts from it.
-        if self._loader_iter is None:
-            self._loader_iter = self._start_loader()
-        return next(self._loader_iter)
+            out = _collate([self.dataset[(int(i), seed * 65_537 + j)]
+                            for j, i in enumerate(idx)])
+        else:
+            # With workers the sampler runs ahead of consumption; the trainer checkpoints the
+            # consumed count, and on resume the stream restarts from it.
+            if self._loader_iter is None:
+                self._loader_iter = self._start_loader()
+            out = next(self._loader_iter)
+        return out if self.with_labels else out[:2]
+
+
+def first_images(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first ``n`` readable images of a dataset (pixels in [0, 1]) and their labels (None
+    without); an unreadable file is passed over, not replaced. Raises when none is read."""
+    if isinstance(dataset, TensorImages):
+        idx = torch.arange(min(n, len(dataset)))
+        return dataset.batch(idx), None if dataset.labels is None else dataset.labels[idx]
+    images, labels = [], []
+    for i in range(len(dataset)):
+        if len(images) == n:
+            break
+        image = dataset.try_load(i)
+        if image is not None:
+            images.append(image)
+            labels.append(-1 if dataset.labels is None else int(dataset.labels[i]))
+    if not images:
+        raise ValueError("no test image could be read")
+    return torch.stack(images), None if dataset.labels is None else torch.tensor(labels)
 
 
 def _collate(items):
-    images = torch.stack([im for im, _ in items])
-    return images, sum(int(s) for _, s in items)
+    """``(images, skipped, labels)`` from ``(image, skipped[, label])`` items."""
+    images = torch.stack([item[0] for item in items])
+    labels = torch.tensor([item[2] if len(item) > 2 else -1 for item in items])
+    return images, sum(int(item[1]) for item in items), labels
 
 
 def load_datasets(cfg) -> tuple[Dataset, Dataset]:

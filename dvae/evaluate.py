@@ -7,15 +7,70 @@ sample at temperature 1 for a categorical encoder; the nearest codes for VQ-VAE 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import metrics
-from .config import Config
+from .config import EVAL_KEYS, Config
 from .data import Preprocess, TensorImages
 from .models.autoencoder import LatentAutoencoder
+
+
+@dataclass
+class Opened:
+    """A trained autoencoder read back from its checkpoint (:func:`open_checkpoint`)."""
+
+    cfg: Config
+    model: LatentAutoencoder
+    train: object  # the training set (pixels in [0, 1], with labels where the data has them)
+    test: object
+    preprocess: Preprocess
+    device: torch.device
+    state: dict
+
+
+def open_checkpoint(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
+                    allowed=EVAL_KEYS) -> Opened:
+    """The autoencoder of a ``dvae train`` checkpoint on its device, in eval mode, with its
+    data and preprocessing. ``overrides`` (``key=value``) may change only ``allowed`` keys
+    (where and how it runs, where its data is), never what its weights were trained with."""
+    from .checkpoint import load
+    from .config import changed_keys, parse_overrides
+    from .data import load_datasets
+    from .models import build_model
+    from .trainer import check_kernel_backend, pick_device
+
+    state = load(path)
+    if state.get("kind") == "prior":
+        raise ValueError(f"{str(path)!r} is a prior checkpoint (dvae prior train); this needs "
+                         "the checkpoint of a dvae train run")
+    values = dict(state["config"])
+    asked = parse_overrides(overrides)
+    refused = changed_keys(values, asked, allowed)
+    if refused:
+        raise ValueError(f"{', '.join(refused)} cannot be changed on a checkpoint (its weights "
+                         f"were trained with the saved value); keys that may: "
+                         f"{', '.join(sorted(allowed))}")
+    values.update(asked)
+    cfg = Config(**values)
+    device = pick_device(cfg.device)
+    check_kernel_backend(cfg, device)
+    train, test = load_datasets(cfg)
+    model = build_model(cfg).to(device)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {str(path)!r}: its weights do not fit the model its "
+                         f"config describes: {str(err).splitlines()[0]}") from None
+    model.eval()
+    # pixel statistics come from the checkpoint's buffers, not recomputed
+    shift = model.pixel_shift.flatten().tolist()
+    scale = model.pixel_scale.flatten().tolist()
+    return Opened(cfg, model, train, test, Preprocess(cfg.likelihood, shift, scale), device,
+                  state)
 
 
 @torch.no_grad()
@@ -99,14 +154,20 @@ def evaluate(model: LatentAutoencoder, dataset, preprocess: Preprocess, cfg: Con
 
 def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: str | os.PathLike) -> None:
     """PNG: originals in the top row, reconstructions below; small images scaled up."""
+    save_image_grid(torch.cat([originals, recons]), originals.shape[0], path)
+
+
+def save_image_grid(images: torch.Tensor, per_row: int, path: str | os.PathLike) -> None:
+    """PNG of ``images`` ``[N, C, H, W]`` in [0, 1], ``per_row`` to a row; images smaller than
+    64 pixels scaled up (nearest), grey ones shown as RGB."""
     from torchvision.utils import save_image
 
-    H = originals.shape[-1]
+    H = images.shape[-1]
     factor = max(1, 64 // H)
-    both = torch.cat([originals, recons]).float().clamp(0, 1)
+    x = images.float().clamp(0, 1)
     if factor > 1:
-        both = torch.nn.functional.interpolate(both, scale_factor=factor, mode="nearest")
-    if both.shape[1] == 1:
-        both = both.expand(-1, 3, -1, -1)
+        x = torch.nn.functional.interpolate(x, scale_factor=factor, mode="nearest")
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(both, str(path), nrow=originals.shape[0], padding=2, pad_value=1.0)
+    save_image(x, str(path), nrow=per_row, padding=2, pad_value=1.0)

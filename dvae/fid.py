@@ -1,10 +1,11 @@
-"""Reconstruction FID (rFID, the paper's Table 1 ImageNet metric), through pytorch-fid.
+"""FID with pytorch-fid's network: reconstruction FID (rFID, the paper's Table 1 ImageNet
+metric) here, generation FID in :mod:`dvae.prior.metrics`.
 
 rFID is the Fréchet distance between Inception-v3 pool features (2048-d) of the test images
-and of their reconstructions. The network and the distance are pytorch-fid's (the maintained
-port of the TensorFlow FID Inception, weights ``pt_inception-2015-12-05-6726825d.pth``); images
-in [0, 1] are resized to 299×299 bilinearly and scaled to [-1, 1] by it, grey images repeated
-to three channels.
+and of their reconstructions. The network is pytorch-fid's (the maintained port of the
+TensorFlow FID Inception, weights ``pt_inception-2015-12-05-6726825d.pth``); images in [0, 1]
+are resized to 299×299 bilinearly and scaled to [-1, 1] by it, grey images repeated to three
+channels. The distance is :func:`frechet_distance` (float64, symmetric eigendecompositions).
 
 dvae never downloads the weights. They are read from ``fid_weights=PATH`` or, by default, from
 torch's hub cache (``$TORCH_HOME/hub/checkpoints/``, where pytorch-fid itself would cache them);
@@ -87,12 +88,24 @@ class FeatureStats:
 
 
 def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
-    """pytorch-fid's Fréchet distance between the Gaussians fitted to two feature sets:
-    ``‖μa − μb‖² + tr(Σa + Σb − 2 (Σa Σb)^½)``."""
-    from pytorch_fid.fid_score import calculate_frechet_distance
-
+    """The Fréchet distance between the Gaussians fitted to two feature sets,
+    ``‖μa − μb‖² + tr(Σa + Σb − 2 (Σa Σb)^½)``, in float64. The trace of the square root is
+    ``Σ √λ`` over the eigenvalues of the symmetric ``Σa^½ Σb Σa^½`` (the same eigenvalues
+    as ``Σa Σb``), so a singular covariance (features that are always 0, as after a ReLU)
+    needs no regularising offset: pytorch-fid's ``scipy.linalg.sqrtm`` route gives the same
+    value where it is accurate."""
     (mu1, s1), (mu2, s2) = a.mean_cov(), b.mean_cov()
-    return float(calculate_frechet_distance(mu1, s1, mu2, s2))
+    s1, s2 = torch.from_numpy(s1), torch.from_numpy(s2)
+
+    def psd_sqrt(m: torch.Tensor) -> torch.Tensor:
+        w, v = torch.linalg.eigh((m + m.T) / 2)
+        return (v * w.clamp_min(0).sqrt()) @ v.T
+
+    r1 = psd_sqrt(s1)
+    inner = r1 @ s2 @ r1
+    tr_sqrt = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
+    diff = float(((mu1 - mu2) ** 2).sum())
+    return diff + float(torch.trace(s1) + torch.trace(s2) - 2 * tr_sqrt)
 
 
 class RFID:

@@ -125,18 +125,27 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
-class Trainer:
-    """Builds everything from a :class:`Config`; :meth:`run` trains (optionally only up to a
-    step), :meth:`save` writes the checkpoint. ``cfg.resume`` continues from
-    ``out_dir/checkpoint.pt`` exactly: models, optimisers, η, step, RNG states and the data
-    position."""
+class RunLoop:
+    """What every dvae training run shares, whatever it trains (the autoencoder here, the
+    generation prior in :mod:`dvae.prior.train`): the device and torchrun processes, the
+    out_dir's ownership (:class:`dvae.rundir.RunDir`), the checkpoint's common fields (step,
+    wall-clock, data position, skipped steps, every random stream), metrics.jsonl and
+    TensorBoard, SIGINT/SIGTERM, the non-finite-step limit and the loop with its progress bar.
 
-    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False):
+    A subclass builds its parts in ``_build`` (calling :meth:`_setup_process` first and
+    :meth:`_begin` last) and provides ``_train_one``, ``evaluate``, ``state``/``load`` (around
+    :meth:`_common_state`/:meth:`_load_common`) and ``skipped``: a 0-d tensor counting the
+    steps skipped as non-finite.
+    """
+
+    postfix_keys: tuple[str, ...] = ("loss",)  # shown beside the progress bar
+
+    def __init__(self, cfg, *, resume: bool = False, overwrite: bool = False):
         self.cfg = cfg
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = pick_device(cfg.device, local_rank)
-        check_kernel_backend(cfg, self.device)
+        self._check(cfg, self.device)
         self.rundir = None
         if int(os.environ.get("RANK", "0")) == 0:
             # Before any work: the folder is writable, ours alone, and holds no other run.
@@ -152,7 +161,17 @@ class Trainer:
             self.close()
             raise
 
-    def _build(self, cfg: Config, resume: bool) -> None:
+    def _check(self, cfg, device: torch.device) -> None:
+        """Refuse a configuration that cannot run on ``device``, before any work."""
+
+    def _desc(self) -> str:
+        return "dvae train"
+
+    def _build(self, cfg, resume: bool) -> None:
+        raise NotImplementedError
+
+    def _setup_process(self, cfg) -> None:
+        """Threads, the process group, rank and world, the out_dir paths."""
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         if self.distributed and not dist.is_initialized():
@@ -163,30 +182,15 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_path = self.out_dir / "checkpoint.pt"
-
-        torch.manual_seed(cfg.seed)
-        self.train_set, self.test_set = load_datasets(cfg)
-        shift, scale = pixel_stats(self.train_set, cfg.channels, cfg.likelihood, cfg.dataset)
-        self.preprocess = Preprocess(cfg.likelihood, shift, scale)
-        self.model = build_model(cfg, shift, scale).to(self.device)
-        fwd: nn.Module = self.model
-        if self.distributed:
-            fwd = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda"
-                else None)
-        if cfg.compile:
-            fwd = torch.compile(fwd)
-        self.generator = torch.Generator(device=self.device).manual_seed(
-            cfg.seed * 7919 + 17 + self.rank)
-        self.phases = Phases(False, self.device)
-        self.step_fn = TrainStep(fwd, cfg, generator=self.generator, phases=self.phases,
-                                     distributed=self.distributed)
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size is the global batch and must divide among the "
                              f"{self.world} processes; got batch_size={cfg.batch_size}")
-        # batch_size is global: each of the world ranks takes its own batch_size/world rows
-        self.stream = BatchStream(len(self.train_set), cfg.batch_size // self.world, cfg.seed,
-                                  self.rank, self.world)
+
+    def _begin(self, resume: bool, description: dict, stream) -> None:
+        """Resume from the checkpoint if asked (and there is one), cut the outputs back to
+        its step, and head a new run's metrics with ``description`` (``dvae compare`` reads
+        it). ``stream``: the run's :class:`dvae.data.BatchStream`."""
+        self.stream = stream
         self.step = 0
         self.train_seconds = 0.0
         self.batches_consumed = 0
@@ -198,16 +202,9 @@ class Trainer:
             self.start_step = self.step
         if self.rundir is not None:
             self.rundir.cut_back(self.step)
-            if self.step == 0:  # the run's description heads its metrics (dvae compare)
-                self._log({"split": "config", "step": 0, "method": cfg.method,
-                           "bits_per_image": cfg.bits_per_image, "machine": machine(),
-                           "config": cfg.to_dict()})
-        self.batches = Batches(self.train_set, self.stream, cfg.num_workers)
-        self._fid_net = None
-        if cfg.fid and self.rank == 0:  # fail now, not at the first evaluation
-            from .fid import inception
-
-            self._fid_net = inception(cfg.fid_weights, self.device)
+            if self.step == 0:
+                self._log({"split": "config", "step": 0, **description,
+                           "machine": machine(), "config": self.cfg.to_dict()})
         self.last_eval: dict[str, float] = {}
         self._stop_signal: int | None = None
         self._consecutive = torch.zeros((), device=self.device)
@@ -215,21 +212,22 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def state(self) -> dict:
+    @property
+    def skipped(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _common_state(self) -> dict:
+        """The checkpoint fields every run has (collective in DDP: the generators)."""
         gen_states = [self.generator.get_state()]
         if self.distributed:
             gen_states = [None] * self.world
             dist.all_gather_object(gen_states, self.generator.get_state())
         return {
             "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.step_fn.optimizer.state_dict(),
-            "eta_optimizer": (self.step_fn.eta_optimizer.state_dict()
-                              if self.step_fn.eta_optimizer else None),
             "step": self.step,
             "train_seconds": self.train_seconds,
             "batches_consumed": self.batches_consumed,
-            "skipped_steps": self.step_fn.skipped.cpu(),
+            "skipped_steps": self.skipped.cpu(),
             "files_skipped": self.files_skipped,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": (torch.cuda.get_rng_state_all() if torch.cuda.is_available()
@@ -244,10 +242,10 @@ class Trainer:
         if self.distributed:
             dist.barrier()
 
-    def load(self, path) -> None:
-        state = ckpt.load(path, map_location="cpu")
+    def _check_resumable(self, path, state: dict, run_control_keys) -> None:
         saved = state["config"]
-        refused = changed_keys(saved, self.cfg.to_dict(), RUN_CONTROL_KEYS)
+        refused = changed_keys(saved, self.cfg.to_dict(), run_control_keys,
+                               defaults=type(self.cfg))
         if refused:
             listing = ", ".join(f"{k}={getattr(self.cfg, k)!r} (checkpoint: {saved.get(k)!r})"
                                 for k in refused)
@@ -256,19 +254,20 @@ class Trainer:
         if int(state["step"]) > self.cfg.steps:
             raise ValueError(f"cannot resume {path}: it is at step {int(state['step'])}, past "
                              f"steps={self.cfg.steps}; give steps >= {int(state['step'])}")
+
+    def _load_state_dict(self, module: nn.Module, weights: dict, path) -> None:
         try:
-            self.model.load_state_dict(state["model"])
+            module.load_state_dict(weights)
         except RuntimeError as err:
             raise ValueError(f"checkpoint {str(path)!r}: its weights do not fit the model its "
                              f"config describes: {str(err).splitlines()[0]}") from None
-        self.step_fn.optimizer.load_state_dict(state["optimizer"])
-        if self.step_fn.eta_optimizer is not None and state["eta_optimizer"] is not None:
-            self.step_fn.eta_optimizer.load_state_dict(state["eta_optimizer"])
+
+    def _load_common(self, state: dict) -> None:
         self.step = int(state["step"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.batches_consumed = int(state["batches_consumed"])
         self.stream.seek(self.batches_consumed)
-        self.step_fn.skipped.copy_(state["skipped_steps"])
+        self.skipped.copy_(state["skipped_steps"])
         self.files_skipped = int(state["files_skipped"])
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] is not None and torch.cuda.is_available():
@@ -307,18 +306,6 @@ class Trainer:
                         and not isinstance(v, bool):
                     self._writer.add_scalar(f"{split}/{k}", v, record["step"])
             self._writer.flush()
-
-    def evaluate(self) -> dict[str, float]:
-        if self.cfg.fid and self._fid_net is None:
-            from .fid import inception
-
-            self._fid_net = inception(self.cfg.fid_weights, self.device)
-        res = evaluate(self.model, self.test_set, self.preprocess, self.cfg, self.device,
-                       max_images=self.cfg.eval_samples or None,
-                       grid_path=self.out_dir / "reconstructions.png", fid_net=self._fid_net)
-        self.last_eval = res
-        self._log({"split": "test", "step": self.step, **res})
-        return res
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -368,17 +355,11 @@ class Trainer:
             flag = t.item() > 0
         return flag and (not self.distributed or collective)
 
-    def _train_one(self, window: _Window, bar) -> None:
-        """One iteration of the training loop, without its periodic work (logs, evaluations,
-        checkpoints): the next batch, preprocessing, the DAPS step, the window's sums. Nothing
-        here reads a device value back to the host."""
-        x01, skipped = next(self.batches)
-        self.batches_consumed += 1
-        self.files_skipped += skipped
-        x = self.preprocess(x01.to(self.device, non_blocking=True))
-        m = self.step_fn(x, self.step)
-        bad = m.pop("skipped").float()
-        window.add(m, bad)
+    def _record_step(self, window: _Window, metrics: dict[str, torch.Tensor],
+                     bad: torch.Tensor, bar) -> None:
+        """Count a finished step: its metrics into the window, ``bad`` (1.0: skipped as
+        non-finite) into the run of consecutive skips, the step and the bar."""
+        window.add(metrics, bad)
         self._consecutive = (self._consecutive + bad) * bad
         self._max_consecutive = torch.maximum(self._max_consecutive, self._consecutive)
         self.step += 1
@@ -404,7 +385,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=end, initial=self.step, disable=not cfg.progress or self.rank != 0,
-                   desc=f"dvae train ({cfg.method})", dynamic_ncols=True)
+                   desc=self._desc(), dynamic_ncols=True)
         window = _Window(self.device)
         last: dict[str, float] = {}
         while self.step < end:
@@ -422,22 +403,19 @@ class Trainer:
                 # read at log intervals only: the loop never waits for the device otherwise
                 self._check_diverged()
                 last = window.read()
-                last["skipped"] = int(self.step_fn.skipped.item())
+                last["skipped"] = int(self.skipped.item())
                 last["files_skipped"] = self.files_skipped
                 last["train_seconds"] = self.train_seconds + time.perf_counter() - t0
                 self._log({"split": "train", "step": self.step, **last})
                 if last.get("loss") is not None:
-                    shown = {k: last[k] for k in ("loss", "log_px", "ess_frac", "eta",
-                                                  "temperature") if last.get(k) is not None}
+                    shown = {k: last[k] for k in self.postfix_keys
+                             if last.get(k) is not None}
                     bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
                 window = _Window(self.device)
             self.train_seconds += time.perf_counter() - t0
             evaluate_now = cfg.eval_every > 0 and self.step % cfg.eval_every == 0
             if (evaluate_now or (done and (self.step == cfg.steps or over))) and self.rank == 0:
-                res = self.evaluate()
-                elbo = "" if res["beta_elbo"] is None else f", beta-ELBO {res['beta_elbo']:.2f}"
-                bar.write(f"step {self.step}: test PSNR {res['psnr']:.2f} dB, SSIM "
-                          f"{res['ssim']:.3f}{elbo}, codebook {res['codebook_usage']:.2f}")
+                bar.write(self._eval_message(self.evaluate()))
             if self.distributed and (evaluate_now or done):
                 dist.barrier()
             stop = self._stop_requested(collective=log_now or done)
@@ -453,7 +431,7 @@ class Trainer:
         out.update({f"test_{k}": v for k, v in self.last_eval.items()})
         return out
 
-    def __enter__(self) -> Trainer:
+    def __enter__(self) -> RunLoop:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -469,12 +447,114 @@ class Trainer:
             self.rundir = None
 
 
-def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[str, float]:
-    """Train from a config (the ``dvae train`` command)."""
-    trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
+class Trainer(RunLoop):
+    """Trains an autoencoder from a :class:`Config`: builds everything, :meth:`run` trains
+    (optionally only up to a step), :meth:`save` writes the checkpoint. ``resume=True``
+    continues from ``out_dir/checkpoint.pt`` exactly: models, optimisers, η, step, RNG states
+    and the data position."""
+
+    postfix_keys = ("loss", "log_px", "ess_frac", "eta", "temperature")
+
+    def _check(self, cfg: Config, device: torch.device) -> None:
+        check_kernel_backend(cfg, device)
+
+    def _desc(self) -> str:
+        return f"dvae train ({self.cfg.method})"
+
+    def _build(self, cfg: Config, resume: bool) -> None:
+        self._setup_process(cfg)
+        torch.manual_seed(cfg.seed)
+        self.train_set, self.test_set = load_datasets(cfg)
+        shift, scale = pixel_stats(self.train_set, cfg.channels, cfg.likelihood, cfg.dataset)
+        self.preprocess = Preprocess(cfg.likelihood, shift, scale)
+        self.model = build_model(cfg, shift, scale).to(self.device)
+        fwd: nn.Module = self.model
+        if self.distributed:
+            fwd = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                else None)
+        if cfg.compile:
+            fwd = torch.compile(fwd)
+        self.generator = torch.Generator(device=self.device).manual_seed(
+            cfg.seed * 7919 + 17 + self.rank)
+        self.phases = Phases(False, self.device)
+        self.step_fn = TrainStep(fwd, cfg, generator=self.generator, phases=self.phases,
+                                     distributed=self.distributed)
+        # batch_size is global: each of the world ranks takes its own batch_size/world rows
+        stream = BatchStream(len(self.train_set), cfg.batch_size // self.world, cfg.seed,
+                             self.rank, self.world)
+        self._begin(resume, {"method": cfg.method, "bits_per_image": cfg.bits_per_image},
+                    stream)
+        self.batches = Batches(self.train_set, self.stream, cfg.num_workers)
+        self._fid_net = None
+        if cfg.fid and self.rank == 0:  # fail now, not at the first evaluation
+            from .fid import inception
+
+            self._fid_net = inception(cfg.fid_weights, self.device)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    @property
+    def skipped(self) -> torch.Tensor:
+        return self.step_fn.skipped
+
+    def state(self) -> dict:
+        return {
+            **self._common_state(),
+            "model": self.model.state_dict(),
+            "optimizer": self.step_fn.optimizer.state_dict(),
+            "eta_optimizer": (self.step_fn.eta_optimizer.state_dict()
+                              if self.step_fn.eta_optimizer else None),
+        }
+
+    def load(self, path) -> None:
+        state = ckpt.load(path, map_location="cpu")
+        self._check_resumable(path, state, RUN_CONTROL_KEYS)
+        self._load_state_dict(self.model, state["model"], path)
+        self.step_fn.optimizer.load_state_dict(state["optimizer"])
+        if self.step_fn.eta_optimizer is not None and state["eta_optimizer"] is not None:
+            self.step_fn.eta_optimizer.load_state_dict(state["eta_optimizer"])
+        self._load_common(state)
+
+    def evaluate(self) -> dict[str, float]:
+        if self.cfg.fid and self._fid_net is None:
+            from .fid import inception
+
+            self._fid_net = inception(self.cfg.fid_weights, self.device)
+        res = evaluate(self.model, self.test_set, self.preprocess, self.cfg, self.device,
+                       max_images=self.cfg.eval_samples or None,
+                       grid_path=self.out_dir / "reconstructions.png", fid_net=self._fid_net)
+        self.last_eval = res
+        self._log({"split": "test", "step": self.step, **res})
+        return res
+
+    def _eval_message(self, res: dict) -> str:
+        elbo = "" if res["beta_elbo"] is None else f", beta-ELBO {res['beta_elbo']:.2f}"
+        return (f"step {self.step}: test PSNR {res['psnr']:.2f} dB, SSIM {res['ssim']:.3f}"
+                f"{elbo}, codebook {res['codebook_usage']:.2f}")
+
+    def _train_one(self, window: _Window, bar) -> None:
+        """One iteration of the training loop, without its periodic work (logs, evaluations,
+        checkpoints): the next batch, preprocessing, the DAPS step, the window's sums. Nothing
+        here reads a device value back to the host."""
+        x01, skipped = next(self.batches)
+        self.batches_consumed += 1
+        self.files_skipped += skipped
+        x = self.preprocess(x01.to(self.device, non_blocking=True))
+        m = self.step_fn(x, self.step)
+        self._record_step(window, m, m.pop("skipped").float(), bar)
+
+
+def run_to_end(trainer: RunLoop) -> dict[str, float]:
+    """Run ``trainer`` to its last step, then release its folder and its process group."""
     try:
         return trainer.run()
     finally:
         trainer.close()
         if trainer.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict[str, float]:
+    """Train from a config (the ``dvae train`` command)."""
+    return run_to_end(Trainer(cfg, resume=resume, overwrite=overwrite))

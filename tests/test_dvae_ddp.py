@@ -2,19 +2,13 @@
 different data and samples, and rank 0 writes one checkpoint."""
 
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
+from utils import free_port
 
 from dvae.checkpoint import load
 from dvae.config import load_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -40,7 +34,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_two_process_ddp_on_gloo(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert not set(r0["batch"].tolist()) & set(r1["batch"].tolist())  # different data
@@ -98,7 +92,7 @@ def test_two_rank_step_equals_one_rank_step_on_the_global_batch(tmp_path):
     for mode in ("learned", "solved"):
         overrides = ["dataset=digits", "batch_size=8", "num_samples=4", "d_model=32",
                      "mlp_hidden=[32]", f"eta_mode={mode}", "eta_init=1.0"]
-        mp.spawn(_step_worker, args=(2, _free_port(), str(tmp_path), overrides), nprocs=2,
+        mp.spawn(_step_worker, args=(2, free_port(), str(tmp_path), overrides), nprocs=2,
                  join=True)
         cfg = load_config("digits", overrides)
         x, tokens = _tokens_and_images(cfg, 8)

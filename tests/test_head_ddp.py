@@ -5,10 +5,10 @@ training on the concatenated batch; the methods that would skip DDP's hooks refu
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
+from utils import free_port
 
 D, V, N = 8, 13, 8  # global batch N, split between 2 ranks
 
@@ -93,14 +93,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_every_training_path_synchronises(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     hidden, targets, ignored, weights = _data()
     for name, kw, reduction in PATHS:

@@ -122,6 +122,24 @@ def test_each_command_output_becomes_rows(tmp_path):
         T.read(_write(tmp_path, "other.json", {}))
 
 
+def test_a_replication_with_a_prior_also_makes_a_generation_row(tmp_path):
+    doc = {"method": "vq", "preset": "mnist", "bits_per_image": 64.0, "budget_minutes": 10,
+           "steps": 8000, "test_psnr": 16.4, "threads": 1, "overrides": ["threads=1"],
+           "machine": {"cpu": "AMD EPYC", "cores": 2, "torch": "2.14.1"},
+           "prior": {"budget_minutes": 5, "steps": 9000, "ms_per_step": 30.0,
+                     "overrides": ["eval_samples=0"], "test_loss": 21.5, "test_fd": 12.5,
+                     "test_fd_data": 0.4, "test_fd_recon": 3.1, "test_precision": 0.7,
+                     "test_recall": 0.5, "test_label_accuracy": 0.8, "test_guidance": 0.0,
+                     "test_generated": 10000, "test_classifier_test_accuracy": 0.987}}
+    run = _write(tmp_path / "run", "result.json", doc)
+    counts = T.record([run.parent], commit="abc1234", results=tmp_path / "results")
+    assert counts == {"replication": 1, "generation": 1}
+    (row,) = _rows(tmp_path / "results", "generation")
+    assert (row["method"], float(row["fd"]), float(row["fd_recon"])) == ("vq", 12.5, 3.1)
+    assert float(row["test_psnr"]) == 16.4 and row["prior_steps"] == "9000"
+    assert row["overrides"] == "threads=1 prior:eval_samples=0" and row["fid"] == ""
+
+
 def test_command_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(T, "RESULTS", tmp_path / "results")
     assert T.main(["record", str(tmp_path / "missing")]) == 2

@@ -8,6 +8,7 @@ here). Floors are relative to the reference's magnitude (at least 1).
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 
@@ -76,3 +77,10 @@ def assert_bitwise_equal(a, b, path: str = "state") -> None:
             assert_bitwise_equal(x, y, f"{path}[{i}]")
     else:
         assert a == b, path
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (a torch.distributed rendezvous for a spawned test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
