@@ -534,6 +534,10 @@ def load_datasets(cfg) -> tuple[Dataset, Dataset]:
     if cfg.dataset == "synthetic":
         g = torch.Generator().manual_seed(cfg.seed)
         shape = (cfg.channels, cfg.image_size, cfg.image_size)
-        return (TensorImages(torch.rand((1024, *shape), generator=g)),
-                TensorImages(torch.rand((256, *shape), generator=g)))
+        train, test = torch.rand((1024, *shape), generator=g), torch.rand((256, *shape),
+                                                                          generator=g)
+        # random labels of 10 classes, so that a prior can be trained on it too
+        labels = torch.randint(0, 10, (1280,), generator=g)
+        return (TensorImages(train, "synthetic (train)", labels[:1024]),
+                TensorImages(test, "synthetic (test)", labels[1024:]))
     raise ValueError(f"unknown dataset {cfg.dataset!r}")

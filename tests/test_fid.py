@@ -89,7 +89,6 @@ def test_weights_are_never_downloaded(tmp_path, monkeypatch):
         fid.inception(bad)
 
 
-@pytest.mark.filterwarnings("ignore:Matrix is singular")
 def test_dvae_eval_fid(tmp_path, capsys, random_weights):
     out = tmp_path / "run"
     assert main(["train", f"out_dir={out}", "steps=2", "batch_size=16", "num_samples=2",
@@ -105,3 +104,21 @@ def test_dvae_eval_fid(tmp_path, capsys, random_weights):
     assert main(["eval", "--checkpoint", ck, "--fid", f"fid_weights={missing}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dvae: error: rFID needs") and str(missing) in err[0]
+
+
+def test_prior_generation_fid(tmp_path, capsys, random_weights):
+    """A prior's generation FID, its references and precision/recall in Inception features
+    (metrics=inception; the grey digits repeated to three channels); no label accuracy."""
+    out = tmp_path / "run"
+    assert main(["train", f"out_dir={out}", "steps=2", "batch_size=16", "num_samples=2",
+                 "eval_every=0", "eval_samples=8", "progress=false", "tensorboard=false",
+                 "d_model=32", "mlp_hidden=[32]"]) == 0
+    assert main(["prior", "train", "--tokenizer", str(out / "checkpoint.pt"), "steps=2",
+                 "batch_size=8", "d_model=32", "layers=1", "dt=0.5", "eval_samples=6",
+                 "metrics=inception", f"fid_weights={random_weights}", "progress=false",
+                 "tensorboard=false", "grid_per_label=1"]) == 0
+    capsys.readouterr()
+    test = [json.loads(line) for line in open(out / "prior" / "metrics.jsonl")][-1]
+    assert test["fid"] > 0 and test["fid_recon"] > 0 and test["fid_data"] > 0
+    assert 0 <= test["precision"] <= 1 and 0 <= test["recall"] <= 1
+    assert test["label_accuracy"] is None and "fd" not in test
