@@ -40,8 +40,8 @@ def open_checkpoint(path: str | os.PathLike, overrides: list[str] | tuple[str, .
     from .checkpoint import load
     from .config import changed_keys, parse_overrides
     from .data import load_datasets
+    from .device import check_kernel_backend, pick_device
     from .models import build_model
-    from .trainer import check_kernel_backend, pick_device
 
     state = load(path)
     if state.get("kind") == "prior":

@@ -111,7 +111,7 @@ class Prior:
 def open_prior(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Prior:
     """A prior checkpoint of ``dvae prior train`` and its tokenizer, ready to sample.
     ``overrides`` may change :data:`dvae.prior.config.EVAL_KEYS` only."""
-    from ..trainer import pick_device
+    from ..device import pick_device
 
     state = ckpt.load(path)
     if state.get("kind") != "prior":
