@@ -82,6 +82,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 PHASES = ("sample", "reward", "teacher_forced", "weights", "losses", "optimizer", "other")
 
 
+# Matmul shape classes by the contraction dim k: cuBLAS reaches less of the peak on thin
+# products (the DAPS head's k = d = 128) than on large square ones.
+MATMUL_CLASSES = (("k<=128", 128), ("k<=512", 512), ("k>512", None))
+
+
+def matmul_class(k: int) -> str:
+    for name, limit in MATMUL_CLASSES:
+        if limit is None or k <= limit:
+            return name
+    return MATMUL_CLASSES[-1][0]
+
+
 @dataclass(frozen=True)
 class GPU:
     name: str
@@ -91,6 +103,14 @@ class GPU:
     launch_us_eager: float = 4.0
     launch_us_graphed: float = 1.5
     source: str = ""
+    # the fraction of the matmul rate reached per shape class (MATMUL_CLASSES); 1.0 where not
+    # measured
+    matmul_efficiency: tuple[tuple[str, float], ...] = ()
+
+    def efficiency(self, k: int | None) -> float:
+        if k is None:
+            return 1.0
+        return dict(self.matmul_efficiency).get(matmul_class(k), 1.0)
 
 
 GPUS: dict[str, GPU] = {
@@ -103,6 +123,31 @@ GPUS: dict[str, GPU] = {
     "a100": GPU("A100 80GB SXM", 2.039, 312.0, 19.5,
                 source="public spec sheet (peak HBM bandwidth, dense bf16, fp32); not measured"),
 }
+
+# Written by `python -m bench.gpu_report calibrate SUMMARY.json` from a GPU run; when present,
+# its constants replace the defaults above for that GPU (and bench.static's).
+CONSTANTS_FILE = Path(__file__).resolve().parent / "gpu_constants.json"
+
+
+def calibrated(key: str, gpu: GPU, path: Path | None = None) -> GPU:
+    """``gpu`` with the constants of ``bench/gpu_constants.json`` for ``key`` (h100, h200),
+    if the file holds them."""
+    path = path or CONSTANTS_FILE
+    if not path.is_file():
+        return gpu
+    entry = json.loads(path.read_text()).get(key)
+    if not entry:
+        return gpu
+    values = {k: float(entry[k]) for k in ("copy_tbps", "bf16_tflops", "fp32_tflops",
+                                             "launch_us_eager", "launch_us_graphed")
+              if isinstance(entry.get(k), (int, float))}
+    eff = tuple(sorted((str(k), float(v)) for k, v in
+                       (entry.get("matmul_efficiency") or {}).items()))
+    return replace(gpu, source=f"measured on {entry.get('gpu')} at commit {entry.get('commit')} "
+                   f"({entry.get('date')}), {path.name}", matmul_efficiency=eff, **values)
+
+
+GPUS = {key: calibrated(key, gpu) for key, gpu in GPUS.items()}
 
 # Ops that launch no kernel: views, metadata, allocation without initialisation.
 ZERO_LAUNCH = {
@@ -208,6 +253,7 @@ class OpCost:
     flops: float = 0.0
     bytes: float = 0.0
     half: bool = True  # matmul FLOPs at the bf16 rate (else fp32)
+    k: int | None = None  # a cuBLAS matmul's contraction dim (its efficiency class)
 
 
 @dataclass
@@ -279,7 +325,12 @@ def op_cost(func, args, kwargs, out, position: int | None) -> OpCost:
     elif packet in flop_counter.flop_registry:
         flops = flop_counter.flop_registry[packet](*args, out_val=out, **kwargs)
     half = _half(ins[0]) if ins else True
-    return OpCost(1, flops, nbytes, half)
+    k = None
+    if name in ("mm", "bmm"):
+        k = args[0].shape[-1]
+    elif name in ("addmm", "_addmm_activation"):
+        k = args[1].shape[-1]
+    return OpCost(1, flops, nbytes, half, k)
 
 
 class Recorder(TorchDispatchMode):
@@ -419,7 +470,7 @@ def summarise(recorder: Recorder, cfg, gpu: GPU) -> dict:
         for c in recorder.costs.get(name, []):
             if not c.launches:
                 continue
-            rate = (gpu.bf16_tflops if c.half else gpu.fp32_tflops) * 1e12
+            rate = (gpu.bf16_tflops if c.half else gpu.fp32_tflops) * 1e12 * gpu.efficiency(c.k)
             t_flops = c.flops / rate
             t_bytes = c.bytes / (gpu.copy_tbps * 1e12)
             tot.launches += c.launches
@@ -497,7 +548,8 @@ def load_calibration(path: str | Path, gpu: GPU) -> GPU:
     if not isinstance(data, dict):
         raise ValueError(f"--calibration: expected a JSON object, got {type(data).__name__}")
     known = ("copy_tbps", "bf16_tflops", "fp32_tflops", "launch_us_eager", "launch_us_graphed")
-    unknown = sorted(set(data) - set(known) - {"name", "source", "device"})
+    unknown = sorted(set(data) - set(known) - {"name", "source", "device",
+                                                "matmul_efficiency"})
     if unknown:
         raise ValueError(f"--calibration: unknown keys {unknown}; expected some of {known}")
     values = {}
@@ -508,6 +560,14 @@ def load_calibration(path: str | Path, gpu: GPU) -> GPU:
                 raise ValueError(f"--calibration: {key} must be a positive number, got {v!r}")
             values[key] = float(v)
     source = data.get("source", f"calibrated from {path}")
+    eff = data.get("matmul_efficiency") or {}
+    bad = {k: v for k, v in eff.items() if k not in dict(MATMUL_CLASSES)
+           or isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1.5}
+    if bad:
+        raise ValueError(f"--calibration: matmul_efficiency must map {list(dict(MATMUL_CLASSES))} "
+                         f"to fractions, got {bad}")
+    if eff:
+        values["matmul_efficiency"] = tuple(sorted((k, float(v)) for k, v in eff.items()))
     return replace(gpu, name=data.get("name", gpu.name), source=source, **values)
 
 
@@ -544,12 +604,20 @@ def measure_calibration() -> dict:
         for _ in range(1000):
             tiny.add_(1)
     graphed_s = timed(graph.replay, 20) / 1000
+    # one product per shape class (MATMUL_CLASSES), against the large square one
+    eff = {}
+    for cls, (m, k, n) in (("k<=128", (262144, 128, 1024)), ("k<=512", (65536, 512, 2048))):
+        x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
+        y = torch.randn(k, n, dtype=torch.bfloat16, device=dev)
+        eff[cls] = (2 * m * k * n / timed(lambda x=x, y=y: x @ y, 20)) / (2 * 8192 ** 3 / mm_s)
+    eff["k>512"] = 1.0
     return {"name": torch.cuda.get_device_name(dev),
             "source": "measured by python -m bench.gpu_model --measure",
             "copy_tbps": 2 * src.numel() * 2 / copy_s / 1e12,
             "bf16_tflops": 2 * 8192 ** 3 / mm_s / 1e12,
             "fp32_tflops": 2 * 8192 ** 3 / mmf_s / 1e12,
-            "launch_us_eager": eager_s * 1e6, "launch_us_graphed": graphed_s * 1e6}
+            "launch_us_eager": eager_s * 1e6, "launch_us_graphed": graphed_s * 1e6,
+            "matmul_efficiency": eff}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,28 @@ GPUS = {
     "H200": {"sms": 132, "clock_hz": 1.755e9, "copy_bytes_s": 4.3e12, "bf16_flops_s": 790e12,
              "l2_bytes": 50 * 2**20},
 }
+
+
+def _calibrate(gpus: dict, path: Path | None = None) -> dict:
+    """The GPU constants with the copy bandwidth and bf16 rate measured on a GPU run
+    (``bench/gpu_constants.json``, written by ``python -m bench.gpu_report calibrate``)."""
+    path = path or Path(__file__).resolve().parent / "gpu_constants.json"
+    if not path.is_file():
+        return gpus
+    data = json.loads(path.read_text())
+    out = {}
+    for name, g in gpus.items():
+        entry = data.get(name.lower()) or {}
+        g = dict(g)
+        if isinstance(entry.get("copy_tbps"), (int, float)):
+            g["copy_bytes_s"] = entry["copy_tbps"] * 1e12
+        if isinstance(entry.get("bf16_tflops"), (int, float)):
+            g["bf16_flops_s"] = entry["bf16_tflops"] * 1e12
+        out[name] = g
+    return out
+
+
+GPUS = _calibrate(GPUS)
 ISSUE_PER_SM_CLK = 4.0
 MUFU_PER_SM_CLK = 0.5
 SM_REGS, SM_SMEM, SM_WARPS, SM_CTAS = 65536, 228 * 1024, 64, 32

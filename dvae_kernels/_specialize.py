@@ -132,8 +132,39 @@ def _module(name: str):
     return importlib.import_module(f"dvae_kernels.{name}")
 
 
+# Where the workloads' tensors live: ``meta`` (no memory; what capture() records) unless
+# :func:`materialise` points them at a real device to run and time them.
+_DEVICE = META
+
+
+@contextlib.contextmanager
+def materialise(device: torch.device | str) -> Iterator[None]:
+    """Workloads built within the block hold real tensors on ``device``: random values in
+    every floating-point input, integer inputs within their valid range (tokens below V,
+    positions below the cache length), so that ``run()`` launches the kernels for real (on a
+    GPU, to time them against the static report; on the CPU, through the interpreter)."""
+    global _DEVICE
+    previous, _DEVICE = _DEVICE, torch.device(device)
+    try:
+        yield
+    finally:
+        _DEVICE = previous
+
+
 def _t(*shape, dtype=torch.float32):
-    return torch.empty(shape, dtype=dtype, device=META)
+    if _DEVICE.type == "meta":
+        return torch.empty(shape, dtype=dtype, device=META)
+    return torch.randn(shape, dtype=dtype, device=_DEVICE)
+
+
+def _ints(shape, high: int, dtype=torch.int64, fill: int | None = None):
+    """Integers in ``[0, high)`` (token ids, row indices, seeds) of ``shape``, or all equal
+    to ``fill`` (a position)."""
+    if _DEVICE.type == "meta":
+        return torch.empty(shape, dtype=dtype, device=META)
+    if fill is not None:
+        return torch.full(shape, fill, dtype=dtype, device=_DEVICE)
+    return torch.randint(0, max(high, 1), shape, dtype=dtype, device=_DEVICE)
 
 
 @dataclasses.dataclass
@@ -159,7 +190,7 @@ def token_workloads(R: int, V: int, dtype: str = "bf16", token_dtype=torch.int64
     dt = _DT[dtype]
     shape = {"R": R, "V": V, "dtype": dtype}
     logits = _t(R, V, dtype=dt)
-    tokens = torch.empty(R, dtype=token_dtype, device=META)
+    tokens = _ints((R,), V, token_dtype)
     rowf = _t(R)
     out = [Workload("token_logprobs", "fwd", shape,
                     lambda: tlp._triton_forward(logits, tokens, entropy)),
@@ -192,7 +223,7 @@ def linear_workloads(N: int, D: int, V: int, dtype: str = "bf16", bias: bool = F
     shape = {"N": N, "D": D, "V": V, "dtype": dtype}
     h, w = _t(N, D, dtype=dt), _t(V, D, dtype=dt)
     b = _t(V, dtype=dt) if bias else None
-    tokens = torch.empty(N, dtype=torch.int64, device=META)
+    tokens = _ints((N,), V)
     rowf = _t(N)
     out = [Workload("linear_token_logprobs", "fwd", shape,
                     lambda: ltl._triton_forward(h, w, tokens, b)),
@@ -221,7 +252,7 @@ def sampler_workloads(R: int, V: int, D: int, dtype: str = "bf16", greedy: bool 
     dt = _DT[dtype]
     temperature = 0.0 if greedy else 1.0
     logits = _t(R, V, dtype=dt)
-    seeds = torch.empty(2, dtype=torch.int64, device=META)
+    seeds = _ints((2,), 1 << 62)
     h, w = _t(R, D, dtype=dt), _t(V, D, dtype=dt)
     b = _t(V, dtype=dt) if bias else None
     return [Workload("sample_tokens", "fwd", {"R": R, "V": V, "dtype": dtype},
@@ -256,14 +287,14 @@ def decoding_workloads(B: int, D: int, H: int, L: int, K_mlp: int, dtype: str = 
     x, r = _t(B, D, dtype=f32), _t(D, dtype=f32)
     w, b = _t(D, dtype=f32), _t(D, dtype=f32)
     table = _t(1024, D, dtype=f32)
-    index = torch.empty(B, dtype=torch.int64, device=META)
+    index = _ints((B,), 1024)
     a_attn, a_mlp = _t(B, D, dtype=dt), _t(B, K_mlp, dtype=dt)
     w_attn, w_mlp = _t(D, D, dtype=dt), _t(D, K_mlp, dtype=dt)
     b_proj = _t(D, dtype=dt) if bias else None
     DH = D // H
     q, kv_new = _t(B, H, DH, dtype=dt), _t(B, 2, H, DH, dtype=dt)
     cache = _t(2, B, H, L, DH, dtype=dt)
-    pos = torch.empty((), dtype=torch.int32, device=META)
+    pos = _ints((), L, torch.int32, fill=L // 2 if t is None else t)
     return [
         Workload("add_layer_norm", "fwd", {"R": B, "D": D, "embed": 1, "dtype": dtype},
                  lambda: aln._triton_forward(table, r, w, b, 1e-5, dt, index)),

@@ -30,24 +30,86 @@ def _run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def test_gpu_report_dry_run(tmp_path):
-    """The GPU machine's one command, end to end on the CPU at tiny sizes."""
+    """The GPU machine's one command, end to end on the CPU at tiny sizes, as on the GPU image
+    (its missing packages unimportable), within its two-minute budget."""
     out = tmp_path / "report"
     proc = _run(["-m", "bench.gpu_report", "--dry-run", "--out", str(out)])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     parts = {p["name"]: p for p in summary["parts"]}
-    assert {"info", "tests_gpu", "tests_cuda", "micro", "e2e"} <= set(parts)
-    assert parts["micro"]["status"] == "passed" and parts["e2e"]["status"] == "passed"
+    assert list(parts) == ["build", "info", "constants", "tests", "kernels", "steps", "micro"]
+    assert {p["status"] for p in parts.values()} == {"passed"}, parts
+    assert summary["elapsed_s"] < summary["budget_s"] == 150
+    assert summary["constants"]["copy_tbps"] > 0
+    kernels = summary["kernels"]
+    assert {(r["op"], r["phase"]) for r in kernels} >= {
+        ("token_logprobs", "fwd"), ("linear_token_logprobs", "bwd"), ("decode_attention", "fwd")}
+    assert all(r.get("measured_ms", 0) > 0 for r in kernels), kernels
+    assert summary["steps"] and summary["steps"][0]["measured_ms"] > 0
     micro = json.loads((out / "micro" / "results.json").read_text())
     timed = {(r["op"], r["provider"]) for r in micro["rows"] if r["status"] == "ok"}
     # Every op dvae_kernels has was timed through its torch backend.
     for spec in specs.SPECS:
         if spec.available():
             assert (spec.name, "torch") in timed
-    e2e_rows = json.loads((out / "e2e" / "e2e.json").read_text())["rows"]
+    e2e_rows = json.loads((out / "steps" / "dry" / "e2e.json").read_text())["rows"]
     assert {r["provider"] for r in e2e_rows} == {"torch", "fused"}
     assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in e2e_rows)
-    assert "GPU report" in (out / "summary.md").read_text()
+    md = (out / "summary.md").read_text()
+    assert "GPU report" in md and "## Kernels" in md and "## Training steps" in md
+    import tarfile
+
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = tar.getnames()
+    assert "tests.log" in names and "kernels.jsonl" in names
+
+
+def test_gpu_report_a_slow_part_spends_the_budget_and_the_rest_is_skipped(tmp_path):
+    """A part that runs past what the budget has left is stopped at its cap; the parts after
+    it are skipped, and the summary is written with what the earlier parts learned."""
+    out = tmp_path / "slow"
+    env = {"DVAE_GPU_REPORT_SLOW": "constants"}
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_report", "--dry-run",
+                           "--time-budget", "30", "--skip", "build", "--out", str(out)],
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), **env),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    status = {p["name"]: p["status"] for p in summary["parts"]}
+    assert status == {"info": "passed", "constants": "timeout", "tests": "skipped",
+                      "kernels": "skipped", "steps": "skipped", "micro": "skipped"}
+    assert summary["elapsed_s"] < 30
+    assert "stopped at its cap" in (out / "constants.log").read_text()
+    assert (out / "summary.md").is_file() and (out / "logs.tar.gz").is_file()
+
+
+def test_gpu_report_calibrate_feeds_the_predictors(tmp_path):
+    """`calibrate` writes a GPU run's constants where the static report and the step cost
+    model read them; a dry run's or another GPU's are refused."""
+    from bench import gpu_model, gpu_report, static
+
+    summary = {"dry_run": False, "commit": "abc1234",
+               "machine": {"name": "NVIDIA H100 80GB HBM3", "gpu": "NVIDIA H100 80GB HBM3",
+                           "date": "2026-12-06T10:00:00+00:00"},
+               "constants": {"copy_tbps": 2.9, "bf16_tflops": 700.0, "fp32_tflops": 50.0,
+                             "launch_us_eager": 5.0, "launch_us_graphed": 1.2,
+                             "matmul_efficiency": {"k<=128": 0.4, "k<=512": 0.7, "k>512": 1.0}}}
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    constants = tmp_path / "gpu_constants.json"
+    assert gpu_report.main(["calibrate", str(path), "--out", str(constants)]) == 0
+    entry = json.loads(constants.read_text())["h100"]
+    assert entry["copy_tbps"] == 2.9 and entry["commit"] == "abc1234"
+    gpu = gpu_model.calibrated("h100", gpu_model.GPUS["h100"], constants)
+    assert (gpu.copy_tbps, gpu.launch_us_eager) == (2.9, 5.0)
+    assert gpu.efficiency(128) == 0.4 and gpu.efficiency(4096) == 1.0
+    assert "NVIDIA H100 80GB HBM3" in gpu.source and "abc1234" in gpu.source
+    sgpu = static._calibrate(static.GPUS, constants)["H100"]
+    assert sgpu["copy_bytes_s"] == 2.9e12 and sgpu["bf16_flops_s"] == 700e12
+    for bad in ({**summary, "dry_run": True},
+                {**summary, "machine": {"name": "NVIDIA A10", "gpu": "NVIDIA A10"}}):
+        path.write_text(json.dumps(bad))
+        assert gpu_report.main(["calibrate", str(path), "--out", str(constants)]) == 2
 
 
 def test_quick_tiny_with_compile(tmp_path):
