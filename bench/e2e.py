@@ -11,8 +11,10 @@ The step comes from the training module's benchmark API::
                              kernel_backend=None, compile=False, **overrides) -> (step, phases)
 
 ``step()`` runs one training step; ``phases`` maps each phase name to a list of seconds, one
-entry per step. Providers are interleaved step by step (round-robin, order rotating), so a
-busy shared machine slows them alike. The step time is the wall clock of ``step()`` with the
+entry per step. A provider may carry config overrides (``--providers fused
+"fused[recipe=fast]"``): a variant of the step timed beside the others in the same run.
+Providers are interleaved step by step (round-robin, order rotating), so a busy shared machine
+slows them alike. The step time is the wall clock of ``step()`` with the
 device synchronised before and after; phase times come from the API's own timers.
 """
 
@@ -45,6 +47,23 @@ class Provider:
     kernel_backend: str | None
     compile: bool
     fused_linear: str = "auto"  # dvae's Config.fused_linear
+    overrides: tuple = ()  # (key, value) config overrides of this variant
+
+
+def provider(text: str) -> Provider:
+    """A provider by name, or a variant of one with config overrides in brackets:
+    ``fused[decoder_samples=2,encoder_samples=2]``, ``fused[recipe=fast]``. The variants of
+    one run are timed interleaved with the others: before/after in one run."""
+    name, sep, rest = text.partition("[")
+    if name not in PROVIDERS or (sep and not rest.endswith("]")):
+        raise argparse.ArgumentTypeError(
+            f"a provider is one of {', '.join(PROVIDERS)}, optionally with overrides "
+            f"(fused[decoder_samples=2]), got {text!r}")
+    base = PROVIDERS[name]
+    if not sep:
+        return base
+    pairs = tuple(_parse_override(item) for item in rest[:-1].split(",") if item)
+    return Provider(text, base.kernel_backend, base.compile, base.fused_linear, pairs)
 
 
 # The torch baselines are the plain PyTorch model: materialised logits, torch backend.
@@ -85,7 +104,8 @@ def run_case(make_step, preset: str, batch_size: int, K: int | None, providers: 
             step, phases = make_step(preset, batch_size=batch_size, K=K, device=str(device),
                                      kernel_backend=p.kernel_backend, compile=p.compile,
                                      timed=timed,
-                                     **{"fused_linear": p.fused_linear, **overrides})
+                                     **{"fused_linear": p.fused_linear, **overrides,
+                                        **dict(p.overrides)})
             for _ in range(warmup):
                 step()
             _sync(device)
@@ -217,8 +237,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="default: mnist:256 cifar10:256 imagenet256:64 on a GPU, "
                          "digits:64 mnist:32 on a CPU")
     ap.add_argument("--K", type=int, help="samples per image (default: the preset's, 8)")
-    ap.add_argument("--providers", nargs="+", choices=list(PROVIDERS),
-                    help="default: torch fused fused+compile on a GPU, torch fused on a CPU")
+    ap.add_argument("--providers", nargs="+", type=provider, metavar="PROVIDER",
+                    help=f"{', '.join(PROVIDERS)}, or one with config overrides in brackets "
+                         "(fused[recipe=fast]); default: torch fused fused+compile on a GPU, "
+                         "torch fused on a CPU")
     ap.add_argument("--steps", type=int, help="timed steps per provider (default 10 GPU, 3 CPU)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     ap.add_argument("--set", dest="overrides", nargs="+", type=_parse_override, default=[],
@@ -261,13 +283,13 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from dvae.bench_api import make_step
     if args.dry_run:
         cases = args.cases or DRY_RUN_CASES
-        providers = [PROVIDERS[n] for n in (args.providers or ["torch", "fused"])]
+        providers = args.providers or [PROVIDERS[n] for n in ("torch", "fused")]
         steps, warmup, K = args.steps or 1, min(args.warmup, 1), args.K or 2
     else:
         gpu = device.type == "cuda"
         cases = args.cases or (GPU_CASES if gpu else CPU_CASES)
         default = ["torch", "fused", "fused+compile"] if gpu else ["torch", "fused"]
-        providers = [PROVIDERS[n] for n in (args.providers or default)]
+        providers = args.providers or [PROVIDERS[n] for n in default]
         steps, warmup, K = args.steps or (10 if gpu else 3), args.warmup, args.K
     if steps < 1 or warmup < 0:
         print(f"error: --steps must be >= 1 and --warmup >= 0, got {steps}, {warmup}",

@@ -8,8 +8,10 @@ figures, written with the machine they ran on.
 Options and ``key=value`` overrides may come in any order (``--set key=value`` is the same
 override in option form). The run trains until its training wall-clock reaches T minutes (or
 the preset's steps end), then evaluates on the test set (``eval_samples`` of the preset) and
-saves its checkpoint. Its ``metrics.jsonl`` is what ``dvae compare`` reads; ``result.json``
-in the out folder holds the same figures with the machine.
+saves its checkpoint. Every twentieth of the budget it evaluates the first ``curve_samples``
+test images (the points of ``dvae compare --curves``; ``eval_every_seconds=`` changes it).
+Its ``metrics.jsonl`` is what ``dvae compare`` reads; ``result.json`` in the out folder holds
+the same figures with the machine.
 
 Schedules: by default the preset's ``steps`` define β's (and τ's, and a cosine learning
 rate's) annealing, as in the paper (250k steps on MNIST): a 10-minute run sees the first part
@@ -116,7 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
     from dvae_kernels.info import machine
 
     out = args.out or f"runs/replicate/{args.preset}/{args.method}"
-    base = ["progress=false", "eval_every=0", "ckpt_every=0", *overrides]
+    # curve points (dvae compare --curves) every twentieth of the budget, on the first
+    # curve_samples test images; the final evaluation on eval_samples
+    base = ["progress=false", "eval_every=0", f"eval_every_seconds={args.minutes * 3:g}",
+            "ckpt_every=0", *overrides]
     try:
         cfg = load_config(args.preset, [f"method={args.method}", f"out_dir={out}", *base])
     except ValueError as err:

@@ -4,6 +4,7 @@
     dvae eval --checkpoint PATH [key=value ...]
     dvae reconstruct --checkpoint PATH [--out FILE.png] [--count N] [key=value ...]
     dvae compare RUN_DIR... [--format markdown|csv] [--csv FILE]
+    dvae compare --curves RUN_DIR... --out curves.png [--csv FILE]
     dvae prior train --tokenizer RUN/checkpoint.pt [--resume | --overwrite] [key=value ...]
     dvae prior eval --checkpoint PRIOR/checkpoint.pt [--npz FILE] [key=value ...]
     dvae generate --prior PRIOR/checkpoint.pt [--labels all|0,1,...] [--num N]
@@ -79,6 +80,10 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     c.add_argument("--format", default="markdown", choices=("markdown", "csv"),
                    help="what to print (default: markdown)")
     c.add_argument("--csv", default=None, metavar="FILE", help="also write the CSV here")
+    c.add_argument("--curves", action="store_true",
+                   help="learning curves instead of the table: test PSNR (and beta-ELBO) "
+                   "against training minutes and steps, a PNG at --out")
+    c.add_argument("--out", default=None, metavar="PNG", help="the curves' PNG (--curves)")
     _prior_parsers(sub)
     return p, sub.choices
 
@@ -229,6 +234,11 @@ def _eval_or_reconstruct(args) -> int:
 
 
 def _compare(args) -> int:
+    if args.curves:
+        return _curves(args)
+    if args.out:
+        raise ValueError("--out is the PNG of --curves; the table goes to stdout (--csv FILE "
+                         "also writes it)")
     from .compare import read_run, table
 
     rows = [read_run(run) for run in args.runs]
@@ -239,6 +249,25 @@ def _compare(args) -> int:
                 f.write(table(rows, "csv"))
         except OSError as err:
             raise ValueError(f"--csv {args.csv}: cannot write it: {err.strerror}") from None
+    return 0
+
+
+def _curves(args) -> int:
+    from .compare import _unique_labels, curves_csv, curves_table, plot_curves, read_curve
+
+    if not args.out:
+        raise ValueError("--curves needs --out FILE.png (where the curves go)")
+    curves = [read_curve(run) for run in args.runs]
+    _unique_labels(curves)
+    plot_curves(curves, args.out)
+    print(curves_table(curves), end="")
+    if args.csv:
+        try:
+            with open(args.csv, "w") as f:
+                f.write(curves_csv(curves))
+        except OSError as err:
+            raise ValueError(f"--csv {args.csv}: cannot write it: {err.strerror}") from None
+    print(f"wrote {args.out}" + (f" and {args.csv}" if args.csv else ""))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``dvae compare RUN_DIR...``: the paper's Table 1 for the runs given, as Markdown or CSV.
+"""``dvae compare RUN_DIR...``: the paper's Table 1 for the runs given, as Markdown or CSV;
+``dvae compare --curves RUN_DIR... --out curves.png``: their learning curves.
 
 Each run directory's ``metrics.jsonl`` describes it: its first record holds the method, the
 bits per image, the machine and the whole configuration; the last test record holds the
@@ -13,6 +14,10 @@ instead of the tokenizer's, and then names its tokenizer. They are shown when an
 them: the prior's training minutes, its test loss, the Fréchet distance of its samples in the
 metric classifier's features (``gen FD``; or FID), with the test images' distance to the
 tokenizer's reconstructions (``recon FD``) beside it, precision, recall and label accuracy.
+
+Curves come from the periodic evaluations a run writes (``eval_every_seconds`` or
+``eval_every``; records ``eval: curve``), each on the same first ``curve_samples`` test
+images, with the training wall-clock at that point (evaluation time not counted).
 """
 
 from __future__ import annotations
@@ -46,23 +51,33 @@ GENERATION = ("prior_minutes", "prior_loss", "gen_fd", "recon_fd", "gen_fid", "p
               "recall", "label_accuracy")
 
 
-def _records(path: Path) -> tuple[dict | None, dict | None, dict | None]:
-    """(the config record, the last training record, the last test record) of a
-    metrics.jsonl."""
-    head = train = test = None
+def _lines(path: Path) -> list[dict]:
+    out = []
     for line in path.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue  # a line cut short by a kill
-        split = record.get("split") if isinstance(record, dict) else None
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def _records(path: Path) -> tuple[dict | None, dict | None, dict | None]:
+    """(the config record, the last training record, the last test record that is not a
+    curve point, else the last curve point) of a metrics.jsonl."""
+    head = train = test = curve = None
+    for record in _lines(path):
+        split = record.get("split")
         if split == "config" and head is None:
             head = record
         elif split == "train":
             train = record
+        elif split == "test" and record.get("eval") == "curve":
+            curve = record
         elif split == "test":
             test = record
-    return head, train, test
+    return head, train, test if test is not None else curve
 
 
 def _generation(prior_dir: Path) -> dict:
@@ -186,3 +201,129 @@ def table(rows: list[dict], fmt: str = "markdown") -> str:
         notes.append(f"machine: {d.get('cpu')} ({d.get('cores')} cores{gpu}), torch "
                      f"{d.get('torch')}")
     return "\n".join(lines + notes) + "\n"
+
+
+# -- curves: quality against training wall-clock and steps ---------------------------------------
+
+CURVE_COLUMNS = ("label", "method", "step", "train_minutes", "psnr", "beta_elbo", "eval_images",
+                 "run")
+
+
+def read_curve(run_dir: str | Path) -> dict:
+    """A run's learning curve: its periodic evaluations (``eval: curve`` records: the same
+    first ``curve_samples`` test images at every point) with the training wall-clock and step
+    of each. ``label`` names the method (and its recipe when not the paper's)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{run_dir}: no metrics.jsonl (not a dvae run directory?)")
+    records = _lines(path)
+    head = next((r for r in records if r.get("split") == "config"), None)
+    if head is None or head.get("kind") == "prior":
+        raise ValueError(f"{path}: not a tokenizer run (dvae train) with a run description")
+    points = [r for r in records if r.get("split") == "test" and r.get("eval") == "curve"
+              and r.get("train_seconds") is not None]
+    if not points:
+        raise ValueError(f"{path}: no curve points: train with eval_every_seconds=S (or "
+                         "eval_every=N) to evaluate periodically")
+    # a resumed run may repeat steps: keep the latest record of each
+    by_step = {r["step"]: r for r in points}
+    cfg = head["config"]
+    method = head.get("method", cfg.get("method", "daps"))
+    recipe = cfg.get("recipe", "paper")
+    label = LABELS.get(method, method) + ("" if recipe == "paper" else f" ({recipe})")
+    return {"label": label, "method": method, "run": str(run_dir),
+            "points": [{"step": r["step"], "train_minutes": r["train_seconds"] / 60,
+                        "psnr": r.get("psnr"), "beta_elbo": r.get("beta_elbo"),
+                        "eval_images": r.get("eval_images")}
+                       for _, r in sorted(by_step.items())]}
+
+
+def _unique_labels(curves: list[dict]) -> None:
+    """Runs with the same label get their folder's name beside it."""
+    seen: dict[str, int] = {}
+    for c in curves:
+        seen[c["label"]] = seen.get(c["label"], 0) + 1
+    for c in curves:
+        if seen[c["label"]] > 1:
+            c["label"] = f"{c['label']} [{Path(c['run']).name}]"
+
+
+def _at(points: list[dict], minutes: float) -> float | None:
+    """The PSNR of the last point at or before ``minutes`` of training."""
+    before = [p["psnr"] for p in points if p["train_minutes"] <= minutes + 1e-9]
+    return before[-1] if before else None
+
+
+def _minutes(m: float) -> str:
+    return f"{m:.1f} min" if m >= 1 else f"{60 * m:.0f} s"
+
+
+def curves_table(curves: list[dict]) -> str:
+    """Markdown: each run's PSNR at four times (quarters of the shortest run), its last
+    point and the best."""
+    shortest = min(c["points"][-1]["train_minutes"] for c in curves)
+    marks = [shortest * q / 4 for q in (1, 2, 3, 4)]
+    heads = ["run", *[f"PSNR at {_minutes(m)}" for m in marks], "last point", "best", "steps"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
+    for c in curves:
+        pts = c["points"]
+        cells = [c["label"]]
+        cells += ["" if _at(pts, m) is None else f"{_at(pts, m):.2f}" for m in marks]
+        last = pts[-1]
+        cells += [f"{last['psnr']:.2f} dB at {_minutes(last['train_minutes'])}",
+                  f"{max(p['psnr'] for p in pts):.2f}", str(last["step"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    sizes = sorted({p["eval_images"] for c in curves for p in c["points"]} - {None})
+    note = (f"\nTest PSNR (dB) on the first {', '.join(map(str, sizes))} test images at each "
+            "point, against training wall-clock (evaluation not counted).")
+    if len(sizes) > 1:
+        note += " The runs evaluated different subsets (curve_samples): compare with care."
+    return "\n".join(lines) + "\n" + note + "\n"
+
+
+def curves_csv(curves: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CURVE_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for c in curves:
+        for p in c["points"]:
+            writer.writerow({"label": c["label"], "method": c["method"], "run": c["run"],
+                             **{k: "" if p[k] is None else p[k] for k in p}})
+    return buf.getvalue()
+
+
+def plot_curves(curves: list[dict], out: str | Path) -> None:
+    """PNG: test PSNR (top) and, where any run has one, β-ELBO (bottom), against training
+    minutes (left) and steps (right), one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("psnr", "test PSNR (dB)")]
+    if any(p["beta_elbo"] is not None for c in curves for p in c["points"]):
+        metrics.append(("beta_elbo", "test β-ELBO (nats per image)"))
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(12, 4.2 * len(metrics)), squeeze=False)
+    for row, (key, name) in enumerate(metrics):
+        for col, (xkey, xname) in enumerate((("train_minutes", "training minutes"),
+                                              ("step", "steps"))):
+            ax = axes[row][col]
+            for c in curves:
+                pts = [p for p in c["points"] if p[key] is not None]
+                if pts:
+                    ax.plot([p[xkey] for p in pts], [p[key] for p in pts], marker=".",
+                            label=c["label"])
+            ax.set_xlabel(xname)
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+            if key == "beta_elbo":
+                ax.set_title("β-ELBO (n/a for VQ-VAE and FSQ)", fontsize=9)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        fig.savefig(out, dpi=110)
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot write the PNG: {err}") from None
+    finally:
+        plt.close(fig)

@@ -7,7 +7,7 @@ For a batch of N images with K sampled latent sequences each:
     weights   w_ik = softmax_k((r_ik − b_i − β·sg(ℓ_ik)) / (η + β))   any per-row b_i cancels
     ESS_i = 1 / Σ_k w_ik²
     L_enc = −(1/N) Σ_ik sg(w_ik) ℓ_ik                           weighted maximum likelihood
-    L_dec = −(1/(N·K)) Σ_ik log p_φ(x_i|z_ik)
+    L_dec = −(1/(N·K)) Σ_ik log p_φ(x_i|z_ik)                   (or over K′ of the K: below)
     L_eta = (mean_i ESS_i − ρK)²                                 (learned η: gradient in log η)
 
 :func:`daps_losses` composes the pieces, each in its own profiling range: it is what the
@@ -86,11 +86,47 @@ class DAPSTerms:
     rewards: torch.Tensor  # [N, K], detached
 
 
+def trust_region(rewards: torch.Tensor, logq: torch.Tensor, log_eta: torch.Tensor, beta: float,
+                 *, ess_target: float, eta_mode: str = "learned", backend: str | None = None,
+                 gather=None, solve_eta_init: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """η, the weights ``[N, K]`` of this process's rows and the ESS ``[N_global]`` (steps 5-7
+    of docs/algorithm.md) from detached rewards and log q. Arguments as :func:`daps_losses`;
+    ``solve_eta_init`` first sets a learned ``log_eta`` in place to the exact solve."""
+    all_rewards, all_logq, rows = (gather(rewards, logq) if gather is not None
+                                   else (rewards, logq, slice(None)))
+    if solve_eta_init and eta_mode == "learned":
+        with torch.no_grad():
+            log_eta.copy_(dvae_kernels.solve_eta(all_rewards, all_logq, beta, ess_target,
+                                                 backend=backend).log())
+    eta = eta_for_step(log_eta, all_rewards, all_logq, beta, ess_target, eta_mode,
+                       backend=backend)
+    weights, ess = dvae_kernels.daps_weights(all_rewards, all_logq, beta, eta, backend=backend)
+    return eta, weights[rows], ess
+
+
+def draw_from_weights(weights: torch.Tensor, num: int, generator: torch.Generator | None = None
+                      ) -> torch.Tensor:
+    """``[N, num]`` sample indices drawn with replacement from each row of ``weights [N, K]``
+    (``Config.encoder_samples``): ``(1/num) Σ_j ∇ℓ_{i, k_j}`` is then an unbiased estimate of
+    the encoder's ``Σ_k w_ik ∇ℓ_ik``."""
+    return torch.multinomial(weights.float(), num, replacement=True, generator=generator)
+
+
+def resampled_encoder_loss(logp_tok: torch.Tensor, num_images: int) -> torch.Tensor:
+    """``L_enc`` estimated on sequences drawn from the weights: ``logp_tok [N, K″, L]`` the
+    differentiable per-token log q of the drawn sequences, ``−(1/(N·K″)) Σ_ij Σ_l logp``. Its
+    expectation over the draws is the paper's ``−(1/N) Σ_ik w_ik ℓ_ik``."""
+    return -logp_tok.sum() / (num_images * logp_tok.shape[1])
+
+
 def daps_losses(logpx: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear,
                 tokens: torch.Tensor, log_eta: torch.Tensor, beta: float, *,
                 ess_target: float, eta_mode: str = "learned", use_logits: bool = False,
                 backend: str | None = None, fp32: bool = False, precision=None,
-                gather=None, phases=None, backward: bool = False) -> DAPSTerms:
+                gather=None, phases=None, backward: bool = False,
+                decoder_logpx: torch.Tensor | None = None, solve_eta_init: bool = False
+                ) -> DAPSTerms:
     """One DAPS objective evaluation (docs/algorithm.md, steps 2-8): the composition the training
     step runs (:class:`dvae.objectives.DAPSObjective`) and the tests check.
 
@@ -112,6 +148,12 @@ def daps_losses(logpx: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear
             and the slice of this process's rows (default: the local batch).
         phases: a :class:`dvae.profiling.Phases` ("teacher_forced", "weights", "losses").
         backward: backpropagate ``L_enc + L_dec + L_eta`` inside the "losses" phase.
+        decoder_logpx: ``[N, K′]`` the differentiable log-likelihoods of a random subset of K′
+            of each image's samples (``Config.decoder_samples``): ``L_dec`` is their mean, an
+            unbiased estimate of the mean over all K (the rewards still come from all K of
+            ``logpx``). Default: ``logpx``.
+        solve_eta_init: learned η only: first set ``log_eta`` (in place) to the log of the exact
+            ``solve_eta`` of this batch (``Config.eta_init="solve"``, on the first step).
 
     Equivalent PyTorch (float64 transcription in tests/test_dvae_daps.py)::
 
@@ -141,20 +183,17 @@ def daps_losses(logpx: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Linear
             entropy = entropy.detach()
         logq = logp_tok.detach().sum(-1)
     with ph("weights"):
-        rewards = logpx.detach().float()
-        all_rewards, all_logq, rows = (gather(rewards, logq) if gather is not None
-                                       else (rewards, logq, slice(None)))
-        eta = eta_for_step(log_eta, all_rewards, all_logq, beta, ess_target, eta_mode,
-                           backend=backend)
-        weights, ess = dvae_kernels.daps_weights(all_rewards, all_logq, beta, eta,
-                                                 backend=backend)
-        weights = weights[rows]
+        rewards = logpx.detach()
+        rewards = rewards if rewards.dtype == torch.float64 else rewards.float()
+        eta, weights, ess = trust_region(rewards, logq, log_eta, beta, ess_target=ess_target,
+                                         eta_mode=eta_mode, backend=backend, gather=gather,
+                                         solve_eta_init=solve_eta_init)
     with ph("losses"):
         with precision():
             # = weighted_token_nll(head(hidden), tokens, w[..., None]) / N (or its linear
             # form), without a second pass over the vocabulary
             l_enc = -(weights.detach()[..., None] * logp_tok).sum() / N
-        l_dec = decoder_loss(logpx)
+        l_dec = decoder_loss(logpx if decoder_logpx is None else decoder_logpx)
         l_eta = eta_loss(ess, ess_target, K) if eta_mode == "learned" else l_dec.new_zeros(())
         loss = l_enc + l_dec + l_eta
         if backward:

@@ -41,7 +41,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class GraphedSampler:
-    """``fn(x) -> tokens`` (the whole sampling loop) captured as one CUDA graph per input shape.
+    """``fn(x) -> tensor or tuple of tensors`` (the whole sampling loop: the tokens and their
+    log q) captured as one CUDA graph per input shape.
 
     Static buffers: the graph reads the images from a buffer that each call copies into, and
     its tokens come out in a buffer it owns (a call returns a copy). The weights are read in
@@ -109,6 +110,8 @@ class GraphedSampler:
         graph, static_x, static_out = self.graphs[key]
         static_x.copy_(x)
         graph.replay()
+        if isinstance(static_out, tuple):
+            return tuple(t.clone() for t in static_out)
         return static_out.clone()
 
 
@@ -219,19 +222,19 @@ class TrainStep:
                     backend=backend)
         return sample
 
-    def _sample_eager(self, x: torch.Tensor) -> torch.Tensor:
-        """The sampling loop: K token sequences per image, ``[N, K, L]``. Its autocast region
-        is entered here, inside what a graph captures, so autocast's cache of cast weights
-        lives and dies within one call (within one replay when captured)."""
+    def _sample_eager(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampling loop: K token sequences per image, ``[N, K, L]``, and the log q of
+        each drawn token (float32). Its autocast region is entered here, inside what a graph
+        captures, so autocast's cache of cast weights lives and dies within one call (within
+        one replay when captured)."""
         with self.autocast():
-            tokens, _ = self.raw.sample(x, self.cfg.num_samples, generator=self.generator,
-                                        sampler=self.sampler())
-        return tokens
+            return self.raw.sample(x, self.cfg.num_samples, generator=self.generator,
+                                   sampler=self.sampler())
 
-    def sample(self, x: torch.Tensor) -> torch.Tensor:
-        """The step's samples: from the captured graph when ``sampler_graph`` allows it (on
-        CUDA), else from the eager loop. ``auto`` falls back to eager, with one warning, when
-        capture fails."""
+    def sample(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's samples ``[N, K, L]`` and their per-token log q: from the captured graph
+        when ``sampler_graph`` allows it (on CUDA), else from the eager loop. ``auto`` falls
+        back to eager, with one warning, when capture fails."""
         if self.graph_mode == "off":
             return self._sample_eager(x)
         if self.graphed is None:

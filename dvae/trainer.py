@@ -325,6 +325,9 @@ class RunLoop:
         self.step += 1
         bar.update(1)
 
+    #: training seconds between periodic evaluations (0: none); a subclass's config sets it
+    eval_every_seconds = 0.0
+
     def _all_agree(self, flag: bool) -> bool:
         """True on every rank when it is true on any."""
         t = torch.tensor([float(flag)], device=self.device)
@@ -348,6 +351,8 @@ class RunLoop:
                    desc=self._desc(), dynamic_ncols=True)
         window = _Window(self.device)
         last: dict[str, float] = {}
+        every_s = self.eval_every_seconds
+        next_eval_at = (self.train_seconds // every_s + 1) * every_s if every_s > 0 else 0.0
         while self.step < end:
             t0 = time.perf_counter()
             self._train_one(window, bar)
@@ -374,8 +379,18 @@ class RunLoop:
                 window = _Window(self.device)
             self.train_seconds += time.perf_counter() - t0
             evaluate_now = cfg.eval_every > 0 and self.step % cfg.eval_every == 0
-            if (evaluate_now or (done and (self.step == cfg.steps or over))) and self.rank == 0:
-                bar.write(self._eval_message(self.evaluate()))
+            if every_s > 0:
+                # by training wall-clock; under torchrun agreed at log intervals (a
+                # collective per step would stall the device)
+                due = self.train_seconds >= next_eval_at
+                if self.distributed:
+                    due = log_now and self._all_agree(due)
+                if due:
+                    evaluate_now = True
+                    next_eval_at = (self.train_seconds // every_s + 1) * every_s
+            final = done and (self.step == cfg.steps or over)
+            if (evaluate_now or final) and self.rank == 0:
+                bar.write(self._eval_message(self.evaluate(final=final)))
             if self.distributed and (evaluate_now or done):
                 dist.barrier()
             stop = self._stop_requested(collective=log_now or done)
@@ -476,16 +491,39 @@ class Trainer(RunLoop):
             self.step_fn.eta_optimizer.load_state_dict(state["eta_optimizer"])
         self._load_common(state)
 
-    def evaluate(self) -> dict[str, float]:
+    @property
+    def eval_every_seconds(self) -> float:
+        return self.cfg.eval_every_seconds
+
+    def evaluate(self, final: bool = True) -> dict[str, float]:
+        """Test metrics, logged as a ``split: test`` record. A periodic evaluation
+        (``final=False``) takes the first ``curve_samples`` test images, the same subset in
+        every run (``eval: curve``: the points of ``dvae compare --curves``); the final one
+        ``eval_samples`` (``eval: final``), after a last curve point when periodic
+        evaluations are on and the two sizes differ."""
+        cfg = self.cfg
+        curve_n = cfg.curve_samples or cfg.eval_samples
+        if not final:
+            return self._evaluate(curve_n, "curve")
+        periodic = cfg.eval_every > 0 or cfg.eval_every_seconds > 0
+        total = len(self.test_set)
+        if periodic and min(curve_n or total, total) != min(cfg.eval_samples or total, total):
+            self._evaluate(curve_n, "curve")
+        return self._evaluate(cfg.eval_samples, "final")
+
+    def _evaluate(self, images: int, kind: str) -> dict[str, float]:
         if self.cfg.fid and self._fid_net is None:
             from .fid import inception
 
             self._fid_net = inception(self.cfg.fid_weights, self.device)
+        t0 = time.perf_counter()
         res = evaluate(self.model, self.test_set, self.preprocess, self.cfg, self.device,
-                       max_images=self.cfg.eval_samples or None,
+                       max_images=images or None,
                        grid_path=self.out_dir / "reconstructions.png", fid_net=self._fid_net)
         self.last_eval = res
-        self._log({"split": "test", "step": self.step, **res})
+        self._log({"split": "test", "step": self.step, "eval": kind,
+                   "train_seconds": round(self.train_seconds, 3),
+                   "eval_seconds": round(time.perf_counter() - t0, 3), **res})
         return res
 
     def _eval_message(self, res: dict) -> str:

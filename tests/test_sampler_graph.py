@@ -44,7 +44,8 @@ def test_on_needs_cuda_and_auto_is_eager_on_cpu():
         _step(sampler_graph="on")
     step, x, g = _step(sampler_graph="auto")
     assert step.graph_mode == "off"
-    tokens = step.sample(x)
+    tokens, logq = step.sample(x)
+    assert logq.shape == tokens.shape and logq.dtype == torch.float32
     assert step.graphed is None and tokens.shape == (x.shape[0], 8, 4)
 
 
@@ -54,15 +55,15 @@ def test_warmup_leaves_the_stream_where_it_was():
     sampler = GraphedSampler(step._sample_eager, g)
     sampler._warmup(x)
     assert torch.equal(g.get_state(), state)
-    first = step._sample_eager(x)
+    first = step._sample_eager(x)[0]
     g.set_state(state)
-    assert torch.equal(step._sample_eager(x), first)
+    assert torch.equal(step._sample_eager(x)[0], first)
 
 
 def test_auto_falls_back_to_eager_with_one_warning():
     step, x, g = _step()
     state = g.get_state()
-    expected = step._sample_eager(x)
+    expected = step._sample_eager(x)[0]
     g.set_state(state)
 
     @contextlib.contextmanager
@@ -74,7 +75,7 @@ def test_auto_falls_back_to_eager_with_one_warning():
     step.graphed = GraphedSampler(step._sample_eager, g,
                                   capture=failing_capture, make_graph=object)
     with pytest.warns(UserWarning, match="capturing the sampling loop failed"):
-        tokens = step.sample(x)
+        tokens, _ = step.sample(x)
     # the warm-up drew nothing: the eager fallback draws what an eager step would have
     assert torch.equal(tokens, expected)
     assert step.graph_mode == "off" and step.graphed is None
@@ -105,15 +106,15 @@ def test_captured_sampler_on_cuda():
     resumed from a saved stream state redraws the same tokens."""
     step, x, g = _step("cuda", sampler_graph="on", fused_linear="always")
     state = g.get_state()
-    eager = step._sample_eager(x)
+    eager = step._sample_eager(x)[0]
     g.set_state(state)
-    first = step.sample(x)
+    first = step.sample(x)[0]
     assert step.graphed is not None and len(step.graphed.graphs) == 1
     assert torch.equal(first, eager)
     after_first = g.get_state()
-    second = step.sample(x)
+    second = step.sample(x)[0]
     assert not torch.equal(first, second)
     g.set_state(after_first)  # resume
-    assert torch.equal(step.sample(x), second)
+    assert torch.equal(step.sample(x)[0], second)
     metrics = step(x, 0)  # a whole step through the captured sampler
     assert torch.isfinite(metrics["loss"]).item()

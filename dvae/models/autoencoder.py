@@ -22,6 +22,7 @@ import math
 import torch
 from torch import nn
 
+from .decoders import batchnorm_frozen, batchnorm_share
 from .encoder import ARTransformerEncoder
 from .factorised import FactorisedEncoder
 
@@ -162,25 +163,67 @@ class DAPSAutoencoder(CategoricalAutoencoder):
         else:
             self.register_buffer("log_eta", log_eta)
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor, phases=None
-                ) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor, phases=None,
+                order: torch.Tensor | None = None, decoder_samples: int | None = None,
+                encoder_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The differentiable part of a DAPS step.
 
         Args:
             x: ``[N, C, H, W]`` images in model space.
             tokens: ``[N, K, L]`` sampled sequences.
             phases: a :class:`dvae.profiling.Phases` to time "reward" and "teacher_forced".
+            order, decoder_samples: a permutation ``[K]`` of the sample indices and K′: the
+                samples ``order[:K′]`` (of every image) keep their likelihood's graph for the
+                decoder's loss; the other K − K′ are decoded without one (their rewards
+                only). None: all K keep it (the paper's step).
+            encoder_rows: ``[N, K″]`` sample indices (drawn from the DAPS weights): the
+                teacher-forced pass runs on those sequences only, and the rewards were scored
+                before (:meth:`score`, which moved the batch-norm running averages): the
+                decoder then runs on the K′ samples alone and ``logpx`` is None.
 
         Returns:
             ``logpx [N, K]`` float32 (log p(x_i|z_ik), summed over pixels),
+            ``decoder_logpx [N, K′]`` (the differentiable ones; ``logpx`` itself when K′ = K),
             ``hidden [N, K, L, d]`` (teacher-forced, before the output layer),
             ``log_eta`` (0-d).
         """
         N, K, L = tokens.shape
         phase = phases if phases is not None else no_phase
         with phase("reward"):
-            params = self.decoder(tokens.reshape(N * K, L), groups=K)
-            logpx = self.likelihood.log_prob(params.view(N, K, *params.shape[1:]), x[:, None])
+            if encoder_rows is not None:
+                train = order[:decoder_samples] if order is not None else slice(None)
+                with batchnorm_frozen(self.decoder):
+                    decoder_logpx = self._logpx(x, tokens[:, train])
+                logpx = None
+            elif order is None or decoder_samples is None or decoder_samples >= K:
+                logpx = self._logpx(x, tokens)
+                decoder_logpx = logpx
+            else:
+                kt = decoder_samples
+                rest, train = order[kt:], order[:kt]
+                # Batch statistics are per sample index, so two calls see those of one call
+                # (batchnorm_share keeps the running averages exact too)
+                with torch.no_grad(), batchnorm_share(self.decoder, (K - kt) / K, True):
+                    logpx_rest = self._logpx(x, tokens[:, rest])
+                with batchnorm_share(self.decoder, kt / K, False):
+                    decoder_logpx = self._logpx(x, tokens[:, train])
+                logpx = torch.cat([decoder_logpx, logpx_rest], 1)[:, torch.argsort(order)]
         with phase("teacher_forced"):
+            if encoder_rows is not None:
+                tokens = tokens.gather(1, encoder_rows[..., None].expand(-1, -1, L))
             hidden = self.encoder.teacher_forced(self.encoder.encode(x), tokens)
-        return {"logpx": logpx, "hidden": hidden, "log_eta": self.log_eta}
+        return {"logpx": logpx, "decoder_logpx": decoder_logpx, "hidden": hidden,
+                "log_eta": self.log_eta}
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``[N, K]`` rewards log p(x_i|z_ik) without a graph (one decoder call over all K,
+        which moves the batch-norm running averages as the paper's step does)."""
+        logpx = self._logpx(x, tokens)
+        return logpx if logpx.dtype == torch.float64 else logpx.float()
+
+    def _logpx(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``[N, k]`` log p(x_i|z_ij) of ``tokens [N, k, L]`` (batch statistics per j)."""
+        N, k, L = tokens.shape
+        params = self.decoder(tokens.reshape(N * k, L), groups=k)
+        return self.likelihood.log_prob(params.view(N, k, *params.shape[1:]), x[:, None])

@@ -45,7 +45,9 @@ def build_model(cfg, pixel_shift=None, pixel_scale=None) -> LatentAutoencoder:
     encoder.fp32_head = cfg.fp32_outputs
     if cfg.method in ("daps", "daps_na"):
         return DAPSAutoencoder(encoder, decoder, likelihood, eta_mode=cfg.eta_mode,
-                               eta_init=cfg.eta_init, pixel_shift=pixel_shift,
+                               # eta_init=solve: set from the first batch (dvae.daps)
+                               eta_init=100.0 if cfg.eta_init == "solve" else cfg.eta_init,
+                               pixel_shift=pixel_shift,
                                pixel_scale=pixel_scale)
     if quantised:
         return QuantisedAutoencoder(cfg, encoder, decoder, likelihood,

@@ -11,6 +11,7 @@ A decoder maps tokens ``[B, L]`` to likelihood parameters ``[B, C*m, H, W]`` whe
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -21,6 +22,11 @@ from . import init
 from .patches import Patcher
 
 
+def _float(t: torch.Tensor) -> torch.Tensor:
+    """float32 for the likelihood (under autocast too); a float64 model stays float64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class Bernoulli(nn.Module):
     """Binarised pixels: ``log p(x|z) = Σ x·log σ(a) + (1-x)·log(1-σ(a))``."""
 
@@ -28,8 +34,8 @@ class Bernoulli(nn.Module):
 
     def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """params [..., C, H, W] (logits), x broadcastable to it -> [...] float32."""
-        params = params.float()
-        x = x.float().expand_as(params)
+        params = _float(params)
+        x = x.to(params.dtype).expand_as(params)
         return -F.binary_cross_entropy_with_logits(params, x, reduction="none").sum((-3, -2, -1))
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
@@ -47,13 +53,13 @@ class Gaussian(nn.Module):
         self.log_max = math.log(max_var)
 
     def split(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, logvar = params.float().chunk(2, dim=-3)
+        mean, logvar = _float(params).chunk(2, dim=-3)
         return mean, logvar.clamp(self.log_min, self.log_max)
 
     def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """params [..., 2C, H, W], x broadcastable to [..., C, H, W] -> [...] float32."""
         mean, logvar = self.split(params)
-        sq = (x.float() - mean).square()
+        sq = (x.to(mean.dtype) - mean).square()
         lp = -0.5 * (math.log(2 * math.pi) + logvar + sq * torch.exp(-logvar))
         return lp.sum((-3, -2, -1))
 
@@ -143,6 +149,44 @@ class SampleBatchNorm2d(nn.BatchNorm2d):
             self.running_var.copy_(running_var.view(K, C).mean(0))
             self.num_batches_tracked += 1
         return y.view(B, C, H, W)
+
+
+@contextlib.contextmanager
+def batchnorm_momentum(module: nn.Module, momentum, count: bool = True):
+    """Within the block every :class:`SampleBatchNorm2d` of ``module`` moves its running
+    averages with ``momentum(m)`` instead of its own ``m`` (batch statistics unchanged);
+    ``count=False`` leaves ``num_batches_tracked`` as it was."""
+    saved = []
+    for m in module.modules():
+        if isinstance(m, SampleBatchNorm2d):
+            saved.append((m, m.momentum, m.num_batches_tracked.clone()))
+            m.momentum = momentum(m.momentum)
+    try:
+        yield
+    finally:
+        for m, mom, tracked in saved:
+            m.momentum = mom
+            if not count:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def batchnorm_share(module: nn.Module, share: float, first: bool):
+    """Decode N·K samples in two calls (``first``: the one of ``share`` = K₁/K of the samples,
+    then the other) and move the running averages exactly as one call over all K would. Each
+    call's per-k statistics are those of the single call (they are per sample index); the
+    averages move by ``m·(K₁/K)`` then ``m·(K₂/K)``, the first rescaled to
+    ``m·(K₁/K) / (1 − m·(K₂/K))`` so that the two steps compose to ``(1 − m)·r + m·mean_k s_k``.
+    The first call leaves ``num_batches_tracked`` unchanged."""
+    if first:
+        return batchnorm_momentum(module, lambda m: m * share / (1.0 - m * (1.0 - share)),
+                                  count=False)
+    return batchnorm_momentum(module, lambda m: m * share)
+
+
+def batchnorm_frozen(module: nn.Module):
+    """A second call over samples whose statistics already moved the running averages this
+    step: batch statistics as usual, the averages (and the count) left alone."""
+    return batchnorm_momentum(module, lambda m: 0.0, count=False)
 
 
 class ResidualBlock(nn.Module):

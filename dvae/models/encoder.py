@@ -353,7 +353,7 @@ class ARTransformerEncoder(nn.Module):
             logps.append(lp)
         # one stack at the end, not two copies per position
         tokens = torch.stack(drawn, dim=1)
-        logp = torch.stack(logps, dim=1).float()
+        logp = _float(torch.stack(logps, dim=1))
         return tokens.view(N, K, L), logp.view(N, K, L)
 
     @staticmethod
@@ -428,15 +428,20 @@ class ARTransformerEncoder(nn.Module):
         return x + block.mlp(block.ln3(x))
 
 
+def _float(t: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 for a float64 model."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def gumbel_max_sampler(head: nn.Linear, fp32_head: bool, temperature: float = 1.0):
     """``f(hidden [B, d], generator) -> (tokens [B], log q [B])``: ``head`` then one exact
     categorical draw per row by Gumbel-max, log q at temperature 1 (float32)."""
     def sample(hidden: torch.Tensor, generator: torch.Generator | None):
-        if fp32_head:  # log q in float32
+        if fp32_head:  # log q in float32 (a float64 model's in float64)
             with torch.autocast(hidden.device.type, enabled=False):
-                logits = head(hidden.float())
+                logits = head(_float(hidden))
         else:
-            logits = head(hidden).float()
+            logits = _float(head(hidden))
         logq = torch.log_softmax(logits, dim=-1)
         scaled = logq if temperature == 1.0 else torch.log_softmax(logits / temperature, -1)
         # Gumbel-max: argmax(log p + G) ~ Categorical(p), one uniform draw per entry.

@@ -109,4 +109,5 @@ class FactorisedEncoder(nn.Module):
             sampler = gumbel_max_sampler(self.head, self.fp32_head, temperature)
         rows = memory[:, None].expand(N, K, L, d).reshape(N * K * L, d)
         tok, logp = sampler(rows, generator)
-        return tok.view(N, K, L), logp.float().view(N, K, L)
+        logp = logp if logp.dtype == torch.float64 else logp.float()
+        return tok.view(N, K, L), logp.view(N, K, L)

@@ -167,7 +167,8 @@ class PriorTrainer(RunLoop):
         """The prior being trained, as :func:`dvae.prior.generate.open_prior` returns one."""
         return Prior(self.cfg, self.model, self.tokenizer, self.space, self.device, {})
 
-    def evaluate(self) -> dict[str, float | None]:
+    def evaluate(self, final: bool = True) -> dict[str, float | None]:
+        """Generation metrics (the same for a periodic evaluation and the final one)."""
         res = evaluate_prior(self.prior(), self._features, num=self.cfg.eval_samples,
                              grid_path=self.out_dir / "samples.png")
         self.model.train()
