@@ -167,8 +167,7 @@ class DAPSObjective(Objective):
             l_dec = daps.decoder_loss(out["decoder_logpx"])
             l_eta = (daps.eta_loss(ess, cfg.ess_target, K) if cfg.eta_mode == "learned"
                      else l_dec.new_zeros(()))
-            # log η through the model's output too, so a DDP forward counts it as used
-            loss = l_enc + l_dec + l_eta + 0.0 * out["log_eta"]
+            loss = l_enc + l_dec + l_eta
             loss.backward()
         self._eta = eta.detach()
         with torch.no_grad():

@@ -3,6 +3,7 @@ different data and samples, and rank 0 writes one checkpoint."""
 
 import os
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from utils import free_port
@@ -11,7 +12,7 @@ from dvae.checkpoint import load
 from dvae.config import load_config
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, extra=()) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
                       RANK=str(rank), LOCAL_RANK=str(rank))
     import torch.distributed as dist
@@ -21,7 +22,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     cfg = load_config("digits", [f"out_dir={out}", "progress=false", "tensorboard=false",
                                  "steps=3", "batch_size=8", "num_samples=2", "log_every=1",
                                  "eval_every=0", "ckpt_every=0", "eval_samples=8",
-                                 "eta_mode=learned", "d_model=32", "mlp_hidden=[32]"])
+                                 "eta_mode=learned", "d_model=32", "mlp_hidden=[32]",
+                                 *extra])
     trainer = Trainer(cfg)
     init = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     first_batch = trainer.stream._perm[rank * 4:(rank + 1) * 4].clone()  # global batch 8
@@ -33,8 +35,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_two_process_ddp_on_gloo(tmp_path):
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("extra", [(), ("recipe=fast", "decoder_samples=1")],
+                         ids=["paper", "fast"])
+def test_two_process_ddp_on_gloo(tmp_path, extra):
+    """Also the fast recipe's step (two model calls, draws from the weights): every
+    parameter stays in sync."""
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), extra), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert not set(r0["batch"].tolist()) & set(r1["batch"].tolist())  # different data

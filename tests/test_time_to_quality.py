@@ -204,7 +204,7 @@ def test_eta_init_solve_starts_at_the_target_ess(sampled):
 def test_recipes_and_their_errors():
     fast = load_config("mnist", ["recipe=fast"])
     assert (fast.recipe, fast.decoder_samples, fast.encoder_samples, fast.eta_init,
-            fast.lr) == ("fast", 2, 2, "solve", 1e-3)
+            fast.lr) == ("fast", 2, 2, "solve", 2e-3)
     paper = load_config("mnist", [])
     assert (paper.recipe, paper.decoder_samples, paper.encoder_samples, paper.eta_init) == (
         "paper", None, None, 100.0)
