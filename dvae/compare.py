@@ -309,11 +309,11 @@ def plot_curves(curves: list[dict], out: str | Path) -> None:
         for col, (xkey, xname) in enumerate((("train_minutes", "training minutes"),
                                               ("step", "steps"))):
             ax = axes[row][col]
-            for c in curves:
+            for i, c in enumerate(curves):  # one colour per run in every panel
                 pts = [p for p in c["points"] if p[key] is not None]
                 if pts:
                     ax.plot([p[xkey] for p in pts], [p[key] for p in pts], marker=".",
-                            label=c["label"])
+                            label=c["label"], color=f"C{i % 10}")
             ax.set_xlabel(xname)
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)
