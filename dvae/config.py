@@ -207,19 +207,14 @@ class Config:
              f"eta_init must be a number > 0 or 'solve', got {self.eta_init!r}")
         need(self.recipe in RECIPES, f"recipe must be one of {', '.join(RECIPES)}, got "
              f"{self.recipe!r}")
-        daps_method = self.method in ("daps", "daps_na")
-        if self.decoder_samples is not None:
-            need(daps_method, f"decoder_samples applies to daps and daps_na (K samples per "
-                 f"image), not method={self.method}; leave it null")
-            need(1 <= self.decoder_samples <= self.num_samples,
-                 f"decoder_samples (K') must be null or in [1, num_samples={self.num_samples}], "
-                 f"got {self.decoder_samples}")
-        if self.encoder_samples is not None:
-            need(daps_method, f"encoder_samples applies to daps and daps_na (K samples per "
-                 f"image), not method={self.method}; leave it null")
-            need(1 <= self.encoder_samples <= self.num_samples,
-                 f"encoder_samples (K'') must be null or in [1, num_samples="
-                 f"{self.num_samples}], got {self.encoder_samples}")
+        for name, symbol in (("decoder_samples", "K'"), ("encoder_samples", "K''")):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            need(self.method in ("daps", "daps_na"), f"{name} applies to daps and daps_na (K "
+                 f"samples per image), not method={self.method}; leave it null")
+            need(1 <= value <= self.num_samples, f"{name} ({symbol}) must be null or in "
+                 f"[1, num_samples={self.num_samples}], got {value}")
         need(self.eval_every_seconds >= 0,
              f"eval_every_seconds must be >= 0, got {self.eval_every_seconds}")
         need(self.threads is None or self.threads >= 1,
